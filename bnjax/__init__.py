@@ -1,3 +1,28 @@
-"""bnjax: batch normalization for JAX."""
+"""bnjax: batch normalization for JAX, as pure functions over explicit pytrees.
+
+The functional core::
+
+  params, stats = bnjax.init(feature_shape)
+  y, stats = bnjax.batch_norm(x, params, stats, train=True)
+
+Flax layers live in `bnjax.nn` (linen) and `bnjax.nnx`; training in `bnjax.training`.
+"""
+from bnjax._src.batch_norm import batch_norm
+from bnjax._src.batch_norm import init
+from bnjax._src.batch_norm import normalize
+from bnjax._src.moments import moments
+from bnjax._src.running import RUNNING_RULES
+from bnjax._src.types import BatchNormParams
+from bnjax._src.types import BatchStats
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "BatchNormParams",
+    "BatchStats",
+    "RUNNING_RULES",
+    "batch_norm",
+    "init",
+    "moments",
+    "normalize",
+)

@@ -1,0 +1,122 @@
+"""Batch moments: reduction axes, masks, float32 accumulation, a stable variance, cross-device sync.
+
+The variance is computed around a shift `K` (a sample of the data itself), in a single pass over `x`:
+
+  mean = K + S1 / n,   var = S2 / n - (S1 / n)^2,   S1 = sum(x - K),   S2 = sum((x - K)^2).
+
+With `K` drawn from the data, `|mean - K|` is of the order of the standard deviation, so the
+subtraction loses no more than a few bits, unlike the textbook `E[x^2] - E[x]^2`, which loses all of
+them when the mean dwarfs the spread (x = 1e4 + N(0, 1) in float32). With a mask the local moments
+take two passes (the first valid row is not known in advance), which is exact as well.
+
+Across devices (an `axis_name`), each device's `(n_d, mean_d, M2_d)` are combined exactly, with
+Chan et al.'s pairwise rule in its all-reduce form:
+
+  N = sum_d n_d,   mean = sum_d n_d mean_d / N,   M2 = sum_d [M2_d + n_d (mean_d - mean)^2],
+
+so uneven masks across devices give the statistics of the concatenated, filtered batch.
+
+Reference: Chan, Golub and LeVeque, "Algorithms for computing the sample variance" (1983).
+"""
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from bnjax._src import errors
+from bnjax._src import types
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """float32 for float32 and narrower inputs; float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def reduction_axes(ndim: int, kept_axes: Tuple[int, ...]) -> Tuple[int, ...]:
+  return tuple(i for i in range(ndim) if i not in kept_axes)
+
+
+def sync_sum(value, axis_name: types.AxisName, axis_index_groups=None):
+  """`value` summed over the devices of `axis_name` (identity when it is None)."""
+  if axis_name is None or axis_name == ():
+    return value
+  return jax.lax.psum(value, axis_name, axis_index_groups=axis_index_groups)
+
+
+def raw_moments(x, kept_axes: Tuple[int, ...], *, mask=None, axis_name: types.AxisName = None,
+                axis_index_groups=None):
+  """Mean, biased variance and element count of `x` over every axis not in `kept_axes`.
+
+  Args:
+    x: any floating array; accumulated in `accumulation_dtype(x.dtype)`.
+    kept_axes: canonical axes whose entries get their own statistics.
+    mask: None, or a boolean array of x's rank with size 1 on `kept_axes` that are feature axes.
+    axis_name, axis_index_groups: reduce across these mapped devices too.
+
+  Returns:
+    `(mean, var, count)`: mean and var with x's rank (size 1 on reduced axes), in the accumulation
+    dtype; count, the number of elements (rows) that entered each statistic, globally, as an array
+    broadcastable to mean.
+  """
+  acc = accumulation_dtype(x.dtype)
+  red = reduction_axes(x.ndim, kept_axes)
+  xf = x.astype(acc)
+  if mask is None:
+    n_local = jnp.asarray(math.prod(x.shape[i] for i in red), acc)
+    shift = jax.lax.stop_gradient(xf[tuple(slice(0, 1) if i in red else slice(None)
+                                           for i in range(x.ndim))])
+    # Each sum reads x through its own fused expression (no shared full-size intermediate).
+    local_mean = jnp.sum(xf, axis=red, keepdims=True) / n_local
+    local_m2 = jnp.maximum(
+        jnp.sum(jnp.square(xf - shift), axis=red, keepdims=True)
+        - n_local * jnp.square(local_mean - shift), 0.0)
+  else:
+    n_local = jnp.sum(mask, axis=red, keepdims=True, dtype=acc)
+    safe_n = jnp.maximum(n_local, 1.0)
+    local_mean = jnp.sum(jnp.where(mask, xf, 0.0), axis=red, keepdims=True) / safe_n
+    deviation = jnp.where(mask, xf - local_mean, 0.0)
+    local_m2 = jnp.sum(deviation * deviation, axis=red, keepdims=True)
+
+  if axis_name is None or axis_name == ():
+    count = n_local
+    return local_mean, local_m2 / jnp.maximum(count, 1.0), count
+
+  # Chan's combination: one all-reduce for (sum of x, count), one for M2.
+  if mask is None:
+    count = n_local * errors.axis_size(axis_name, axis_index_groups)
+    total = sync_sum(n_local * local_mean, axis_name, axis_index_groups)
+  else:
+    n_b = jnp.broadcast_to(n_local, local_mean.shape)
+    total, count = sync_sum((n_b * local_mean, n_b), axis_name, axis_index_groups)
+  mean = total / jnp.maximum(count, 1.0)
+  m2 = sync_sum(local_m2 + n_local * jnp.square(local_mean - mean), axis_name, axis_index_groups)
+  return mean, m2 / jnp.maximum(count, 1.0), count
+
+
+def moments(x, *, axis: types.Axis = -1, axis_name: types.AxisName = None,
+            axis_index_groups=None, mask=None) -> Tuple[jax.Array, jax.Array]:
+  """Batch mean and biased variance per feature, as batch norm's training mode uses them.
+
+  `mean = sum(x) / m`, `var = sum((x - mean)^2) / m` over every axis except `axis`, with `m` the
+  number of rows (true rows when masked), summed across the devices of `axis_name`.
+
+  Args:
+    x: floating array, e.g. `(N, D)`, `(N, T, D)`, NHWC with `axis=-1`, NCHW with `axis=1`.
+    axis: the feature axis or axes (kept).
+    axis_name: a mapped axis name (or tuple of names) to reduce across devices.
+    axis_index_groups: sync only within these groups of axis indices.
+    mask: boolean, x's shape without the feature axes; only true rows count.
+
+  Returns:
+    `(mean, var)`, each of the feature shape, float32 (float64 for float64 inputs).
+  """
+  errors.check_floating(x)
+  axes = errors.feature_axes(axis, x.ndim)
+  if mask is not None:
+    mask = errors.mask_to_input_rank(mask, x.shape, axes)
+  errors.axis_size(axis_name, axis_index_groups)
+  mean, var, _ = raw_moments(x, axes, mask=mask, axis_name=axis_name,
+                             axis_index_groups=axis_index_groups)
+  feature_shape = tuple(x.shape[a] for a in axes)
+  return mean.reshape(feature_shape), var.reshape(feature_shape)
