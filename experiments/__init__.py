@@ -1,0 +1,6 @@
+"""bnjax experiments: what batch normalization does, measured.
+
+Run from the repository root: ``python -m experiments <name> [--quick] [--workdir DIR] [--resume]
+[--config.key=value ...]``. ``python -m experiments list`` shows the experiments. Nothing in ``bnjax``
+imports this package; it is not part of the installed wheel.
+"""

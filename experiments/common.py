@@ -1,0 +1,312 @@
+"""Shared pieces of the experiments: data, models, optimizers, the many-seed training engine, statistics.
+
+The engine trains many models of one architecture at once: their `TrainState`s are stacked on a leading
+axis and one pure training step (`bnjax.training.make_train_step(..., jit=False)`) is `jax.vmap`-ed over
+it, and `jax.lax.scan` runs `eval_every` steps per compiled call. Seeds (and, through
+`optax.inject_hyperparams`, learning rates) differ between the stacked models; the batch order of model
+``i`` is `bnjax.data.batch_at(train, batch_size, step, seed=seeds[i])`, the same order the single-run
+`train` experiment uses, and the same seed gives the same order in every arm (paired comparisons).
+"""
+import dataclasses
+import hashlib
+import math
+from typing import Callable, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen
+
+import bnjax
+from bnjax import data as bn_data
+from bnjax import nn as bn_nn
+from bnjax import training
+
+ACTIVATIONS = {"relu": linen.relu, "sigmoid": linen.sigmoid, "tanh": jnp.tanh}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data, models, optimizers.
+
+
+def load_data(config, *, dataset: Optional[str] = None, standardize: Optional[bool] = None):
+  """The config's dataset (split with ``config.seed``), optionally another one or standardized."""
+  return bn_data.load_dataset(
+      dataset or config.dataset, data_dir=config.data_dir or None, seed=config.seed,
+      standardize=config.standardize if standardize is None else standardize)
+
+
+def kernel_init(init_stddev: float):
+  """``N(0, init_stddev^2)`` kernels, or the layer default (LeCun normal) when ``init_stddev == 0``."""
+  if init_stddev > 0:
+    return linen.initializers.normal(stddev=init_stddev)
+  return linen.linear.default_kernel_init
+
+
+def make_mlp(config, num_classes: int, *, norm: Optional[str] = None, activation: Optional[str] = None,
+             hidden: Optional[Sequence[int]] = None, **kwargs) -> bn_nn.MLP:
+  """The config's MLP; ``norm`` is ``"none"``, ``"pre"`` or ``"post"`` (default: ``config.norm``)."""
+  norm = config.norm if norm is None else norm
+  return bn_nn.MLP(
+      features=(*(config.hidden if hidden is None else hidden), num_classes),
+      activation=ACTIVATIONS[activation or config.activation],
+      norm=None if norm == "none" else norm,
+      momentum=config.momentum, epsilon=config.epsilon,
+      kernel_init=kernel_init(config.init_stddev), **kwargs)
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  """SGD, SGD with Nesterov-free momentum 0.9, or Adam; the learning rate lives in the optimizer state.
+
+  `optax.inject_hyperparams` keeps ``learning_rate`` in ``opt_state.hyperparams``, so stacked states can
+  train at different learning rates under one compiled, vmapped step.
+  """
+  factories = {
+      "sgd": optax.sgd,
+      "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+      "adam": optax.adam,
+  }
+  return optax.inject_hyperparams(factories[name])(learning_rate=learning_rate)
+
+
+def set_learning_rates(state, learning_rates):
+  """``state`` (stacked) with per-model learning rates ``learning_rates`` (shape ``(M,)``)."""
+  opt_state = state.opt_state
+  hyperparams = dict(opt_state.hyperparams)
+  hyperparams["learning_rate"] = jnp.asarray(learning_rates, jnp.float32)
+  return state._replace(opt_state=opt_state._replace(hyperparams=hyperparams))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def variables(state) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def make_eval_fn(model) -> Callable:
+  """``eval_fn(state, x, y) -> {"loss", "accuracy"}`` in inference mode (running statistics)."""
+
+  def eval_fn(state, x, y):
+    logits = model.apply(variables(state), x, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+    return {"loss": loss, "accuracy": accuracy}
+
+  return eval_fn
+
+
+def preactivations(model, state, x, *, train: bool = False) -> Dict[int, jax.Array]:
+  """The inputs of each hidden activation (the MLP's sown ``preact_i``), keyed by layer index."""
+  mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+  _, updates = model.apply(variables(state), x, train=train, mutable=mutable)
+  sown = updates["intermediates"]
+  return {int(k.rsplit("_", 1)[1]): v[0] for k, v in sown.items() if k.startswith("preact_")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The many-seed engine.
+
+
+@dataclasses.dataclass
+class History:
+  """What the engine recorded at each evaluation: ``values[key]`` has shape ``(num_evals, M, ...)``."""
+  steps: np.ndarray
+  values: Dict[str, np.ndarray]
+
+  def final(self, key: str) -> np.ndarray:
+    return self.values[key][-1]
+
+
+def batch_rows(num_rows: int, batch_size: int, seed: int, start: int, num_steps: int) -> np.ndarray:
+  """Row indices of the batches of steps ``start .. start+num_steps-1``: ``(num_steps, batch_size)``.
+
+  The same rows `bnjax.data.batch_at` picks (it is asked for the batches of a split whose features are
+  the row numbers), so every run of a seed sees the same data order.
+  """
+  index_split = bn_data.Split(np.arange(num_rows, dtype=np.int32), np.zeros(num_rows, np.int32))
+  batches = bn_data.iterate_batches(index_split, batch_size, seed=seed, start_step=start,
+                                    num_steps=num_steps)
+  return np.stack([rows for rows, _ in batches])
+
+
+def _boundaries(num_steps: int, eval_every: int, checkpoint_every: int) -> list:
+  points = set(range(eval_every, num_steps + 1, eval_every)) | {num_steps}
+  if checkpoint_every:
+    points |= set(range(checkpoint_every, num_steps + 1, checkpoint_every))
+  return sorted(points)
+
+
+def init_states(model, tx, sample_x, seeds: Sequence[int], learning_rates=None):
+  """Stacked `TrainState`s, one per seed (``jax.random.key(seed)`` initializes it)."""
+  keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+  create = lambda key: training.create_train_state(model, tx, sample_x, rng=key)
+  states = jax.vmap(create)(keys)
+  if learning_rates is not None:
+    states = set_learning_rates(states, learning_rates)
+  return states
+
+
+def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num_steps: int,
+                 batch_size: int, eval_every: int, checkpoint_every: int = 0, learning_rates=None,
+                 probe: Optional[Callable] = None, eval_splits=("val", "test"),
+                 num_devices: int = 1):
+  """Trains ``len(seeds)`` models of ``model`` at once; returns ``(final stacked state, History)``.
+
+  Args:
+    run: the `experiments.runner.Run` (metrics rows, progress bar, checkpoints, resume).
+    arm: the name of this group of models in ``metrics.jsonl`` and the checkpoint folder.
+    model, tx: the flax module and the optax optimizer (`make_optimizer`).
+    dataset: a `bnjax.data.Dataset`.
+    seeds: one init / batch-order seed per model.
+    learning_rates: optional per-model learning rates (``tx`` must come from `make_optimizer`).
+    probe: optional ``probe(state) -> dict of arrays`` for one model, run (vmapped) at each evaluation.
+    eval_splits: the splits whose loss and accuracy are recorded at each evaluation.
+    num_devices: the stacked models are split over this many devices (``len(seeds)`` must divide).
+
+  At step 0 and every ``eval_every`` steps it records ``{split}_loss`` and ``{split}_accuracy`` per
+  model, ``train_loss`` (the mean over the steps since the last record) and the probe's outputs. With
+  ``checkpoint_every > 0`` the stacked state is saved under ``<run>/checkpoints/<arm>``, and a resumed
+  run restarts from the latest one.
+  """
+  seeds = [int(s) for s in seeds]
+  num_models = len(seeds)
+  train = dataset.train
+  train_x, train_y = jnp.asarray(train.x), jnp.asarray(train.y)
+  splits = {name: getattr(dataset, name) for name in eval_splits}
+  splits = {k: (jnp.asarray(s.x), jnp.asarray(s.y)) for k, s in splits.items() if len(s.y)}
+  states = init_states(model, tx, train_x[:batch_size], seeds, learning_rates)
+  sharding = None
+  if num_devices > 1:
+    if num_models % num_devices:
+      raise ValueError(f"num_devices: got {num_devices}, which does not divide the {num_models} models "
+                       f"of arm {arm!r}; expected a divisor")
+    mesh = jax.make_mesh((num_devices,), ("models",), devices=jax.devices()[:num_devices])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
+    states = jax.device_put(states, sharding)
+
+  step_fn = training.make_train_step(model, tx, jit=False)
+  eval_fn = make_eval_fn(model)
+
+  def run_chunk(states, x, y, rows):  # rows: (steps, models, batch)
+    def body(states, rows_t):
+      states, metrics = jax.vmap(step_fn)(states, (x[rows_t], y[rows_t]))
+      return states, metrics["loss"]
+    states, losses = jax.lax.scan(body, states, rows)
+    return states, losses.mean(0)
+
+  def evaluate(states, split_arrays):
+    out = {}
+    for name, (x, y) in split_arrays.items():
+      metrics = jax.vmap(eval_fn, in_axes=(0, None, None))(states, x, y)
+      out[f"{name}_loss"], out[f"{name}_accuracy"] = metrics["loss"], metrics["accuracy"]
+    if probe is not None:
+      out.update(jax.vmap(probe)(states))
+    return out
+
+  run_chunk = jax.jit(run_chunk, donate_argnums=0)
+  evaluate = jax.jit(evaluate)
+
+  ckpt_dir = run.path("checkpoints") / arm if checkpoint_every else None
+  if ckpt_dir is not None:
+    from bnjax import checkpoint as bn_checkpoint  # pylint: disable=g-import-not-at-top
+  start, records = 0, []
+  if run.resume and ckpt_dir is not None and ckpt_dir.exists():
+    step = bn_checkpoint.latest_step(ckpt_dir)
+    if step is not None:
+      states, _ = bn_checkpoint.restore(ckpt_dir, states, step=step)
+      start = int(step)
+      records = [r for r in run.read_metrics() if r.get("arm") == arm and r["step"] <= start]
+      run.rewrite_metrics(lambda r, start=start: r.get("arm") != arm or r["step"] <= start)
+  if start == 0:
+    run.rewrite_metrics(lambda r: r.get("arm") != arm)
+    records = [_record(run, arm, 0, jax.device_get(evaluate(states, splits)), None)]
+
+  with run.progress(num_steps, desc=arm) as bar:
+    bar.update(start)
+    last = start
+    for end in (b for b in _boundaries(num_steps, eval_every, checkpoint_every) if b > start):
+      rows = np.stack([batch_rows(len(train.y), batch_size, s, last, end - last) for s in seeds], axis=1)
+      states, train_loss = run_chunk(states, train_x, train_y, jnp.asarray(rows))
+      if end % eval_every == 0 or end == num_steps:
+        records.append(_record(run, arm, end, jax.device_get(evaluate(states, splits)),
+                               jax.device_get(train_loss)))
+      if ckpt_dir is not None and (end % checkpoint_every == 0 or end == num_steps):
+        bn_checkpoint.save(ckpt_dir, jax.device_get(states), step=end, keep=2)
+      bar.update(end - last)
+      last = end
+  return states, _history(records)
+
+
+def _record(run, arm, step, values, train_loss):
+  row = {"arm": arm, "step": int(step)}
+  row.update({k: np.asarray(v).tolist() for k, v in values.items()})
+  if train_loss is not None:
+    row["train_loss"] = np.asarray(train_loss).tolist()
+  run.log(**row)
+  return row
+
+
+def _history(records) -> History:
+  records = sorted(records, key=lambda r: r["step"])
+  keys = [k for k in records[-1] if k not in ("arm", "step")]
+  values = {}
+  for key in keys:
+    rows = [r.get(key) for r in records]
+    fill = next(np.asarray(v, np.float64) for v in rows if v is not None)
+    values[key] = np.stack([np.asarray(v, np.float64) if v is not None else np.full_like(fill, np.nan)
+                            for v in rows])
+  return History(steps=np.asarray([r["step"] for r in records]), values=values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Digests and statistics.
+
+
+def state_digest(*states) -> str:
+  """sha256 over the dtype, shape and bytes of every leaf of ``states`` (in pytree order)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(states)):
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    array = np.asarray(leaf)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def mean_se(values) -> tuple:
+  """Mean and standard error (sample std / sqrt(n)) over the first axis; SE is 0 for one value."""
+  values = np.asarray(values, np.float64)
+  n = values.shape[0]
+  mean = values.mean(0)
+  se = values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
+  return mean, se
+
+
+def paired_ci(a, b, *, confidence: float = 0.95) -> dict:
+  """The mean of ``a - b`` over paired samples and its Student-t confidence interval.
+
+  ``mean +- t_{(1+confidence)/2, n-1} * sd(a - b) / sqrt(n)``. Reference: any statistics text, e.g.
+  Wasserman, "All of Statistics", section 10.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  n = diff.size
+  mean = float(diff.mean())
+  if n < 2:
+    return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * diff.std(ddof=1) / math.sqrt(n))
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def first_step_reaching(steps, values, target: float) -> float:
+  """The first recorded step at which ``values`` (over steps) is at least ``target``; inf if never."""
+  hits = np.flatnonzero(np.asarray(values) >= target)
+  return float(np.asarray(steps)[hits[0]]) if hits.size else math.inf
+
+
+def fmt_pm(mean, se, scale: float = 1.0, digits: int = 2) -> str:
+  return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"

@@ -1,0 +1,138 @@
+"""One training run of the MLP: loss and accuracy curves, checkpoints, ``--resume``.
+
+The batch at step ``t`` is `bnjax.data.batch_at(train, batch_size, t, seed=seed)`, so a run resumed from
+the checkpoint of step ``t`` sees exactly the batches the uninterrupted run would have, and ends in the
+same state (the same ``state_digest``). With ``num_devices > 1`` the step is data-parallel
+(`bnjax.training.make_train_step(parallel=...)`), batch statistics synchronised across devices.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import data as bn_data
+from bnjax import training
+from experiments import common
+from experiments import report
+from experiments.runner import Result, Table, Verdict
+
+TITLE = "one training run of the MLP"
+AXIS_NAME = "batch"
+
+
+def describe_criterion(criterion) -> str:
+  return f"the final test accuracy is at least {criterion.min_test_accuracy:.0%}."
+
+
+def evaluate(metrics: dict, criterion) -> Verdict:
+  accuracy = metrics["test_accuracy"]
+  held = accuracy >= criterion.min_test_accuracy
+  return Verdict(held=bool(held), reason=f"final test accuracy {accuracy:.2%} "
+                 f"({'>=' if held else '<'} {criterion.min_test_accuracy:.0%}).")
+
+
+def _placement(config):
+  """Where the state and the batches go: None (one device), a Mesh (jit, shard_map) or devices (pmap)."""
+  if config.num_devices == 1:
+    return None
+  devices = jax.devices()[:config.num_devices]
+  return devices if config.parallel == "pmap" else training.batch_mesh(devices, AXIS_NAME)
+
+
+def run(config, run) -> Result:
+  dataset = common.load_data(config)
+  tx = common.make_optimizer(config.optimizer, config.learning_rate)
+  model = common.make_mlp(config, dataset.num_classes)
+  # Under pmap / shard_map the batch statistics are synchronised over the mapped axis.
+  synced = config.num_devices > 1 and config.parallel in ("pmap", "shard_map") and config.norm != "none"
+  model_train = common.make_mlp(config, dataset.num_classes, axis_name=AXIS_NAME) if synced else model
+  placement = _placement(config)
+  if placement is None:
+    step_fn = training.make_train_step(model_train, tx)
+  else:
+    step_fn = training.make_train_step(model_train, tx, parallel=config.parallel, mesh=placement,
+                                       axis_name=AXIS_NAME)
+  place = (lambda tree: tree) if placement is None else (lambda tree: training.replicate(tree, placement))
+  unplace = training.unreplicate if config.parallel == "pmap" and placement is not None else (lambda t: t)
+  shard = (lambda batch: batch) if placement is None else (lambda b: training.shard_batch(b, placement))
+  eval_fn = jax.jit(common.make_eval_fn(model))
+  train = dataset.train
+  state = training.create_train_state(model, tx, jnp.asarray(train.x[:config.batch_size]),
+                                      rng=jax.random.key(config.seed))
+
+  ckpt_dir = run.path("checkpoints")
+  from bnjax import checkpoint as bn_checkpoint  # pylint: disable=g-import-not-at-top
+  start = 0
+  if run.resume:
+    latest = bn_checkpoint.latest_step(ckpt_dir) if ckpt_dir.exists() else None
+    if latest is None:
+      raise ValueError(f"--resume: {run.dir} has no checkpoint to continue from; expected "
+                       f"{ckpt_dir} (checkpoint_every={config.checkpoint_every})")
+    state, _ = bn_checkpoint.restore(ckpt_dir, state, step=latest)
+    start = int(latest)
+    run.rewrite_metrics(lambda r: r["step"] <= start)
+  else:
+    run.rewrite_metrics(lambda r: False)
+
+  def record(step, train_metrics):
+    row = {"step": step}
+    for split in ("val", "test"):
+      part = getattr(dataset, split)
+      if len(part.y):
+        metrics = jax.device_get(eval_fn(unplace(state), jnp.asarray(part.x), jnp.asarray(part.y)))
+        row[f"{split}_loss"], row[f"{split}_accuracy"] = float(metrics["loss"]), float(metrics["accuracy"])
+    if train_metrics:
+      row["train_loss"] = float(np.mean([m["loss"] for m in train_metrics]))
+      row["train_accuracy"] = float(np.mean([m["accuracy"] for m in train_metrics]))
+    run.log(**row)
+
+  state = place(state)
+  if start == 0:
+    record(0, [])
+  pending = []
+  batches = bn_data.iterate_batches(train, config.batch_size, seed=config.seed, start_step=start,
+                                    num_steps=config.num_steps - start)
+  with run.progress(config.num_steps, desc="train") as bar:
+    bar.update(start)
+    for step, (x, y) in enumerate(batches, start=start + 1):
+      state, metrics = step_fn(state, shard((jnp.asarray(x), jnp.asarray(y))))
+      pending.append(metrics)
+      if step % config.eval_every == 0 or step == config.num_steps:
+        record(step, jax.device_get(pending))
+        pending = []
+        bar.set_postfix(loss=f"{run.read_metrics()[-1].get('train_loss', float('nan')):.3f}")
+      if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.num_steps):
+        bn_checkpoint.save(ckpt_dir, unplace(state), step=step, keep=3)
+      bar.update(1)
+
+  rows = run.read_metrics()
+  final = rows[-1]
+  metrics = {k: final[k] for k in final if k != "step"}
+  table = Table(f"{config.dataset}, MLP {tuple(config.hidden)} {config.activation}, norm={config.norm}, "
+                f"{config.optimizer} lr {config.learning_rate:g}, batch {config.batch_size}, "
+                f"{config.num_devices} device(s)",
+                ["step", "train loss", "val acc %", "test acc %"],
+                [[rows[i]["step"], rows[i].get("train_loss"), 100 * rows[i].get("val_accuracy", np.nan),
+                  100 * rows[i].get("test_accuracy", np.nan)] for i in _spread(len(rows), 9)])
+  plots = [_plot(run, rows)]
+  return Result(metrics=metrics, tables=[table], plots=plots, state_digest=common.state_digest(unplace(state)))
+
+
+def _spread(n: int, k: int) -> list:
+  """Up to ``k`` indices spread evenly over ``range(n)``, first and last included."""
+  return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
+
+
+def _plot(run, rows) -> str:
+  fig, axes = report.figure(2)
+  steps = [r["step"] for r in rows]
+  axes[0, 0].plot(steps[1:], [r["train_loss"] for r in rows[1:]], label="train (mean since last)")
+  for split in ("val", "test"):
+    if f"{split}_loss" in rows[0]:
+      axes[0, 0].plot(steps, [r[f"{split}_loss"] for r in rows], label=split)
+      axes[0, 1].plot(steps, [r[f"{split}_accuracy"] for r in rows], label=split)
+  axes[0, 1].plot(steps[1:], [r["train_accuracy"] for r in rows[1:]], label="train (mean since last)")
+  axes[0, 0].set(title="loss", xlabel="step", yscale="log")
+  axes[0, 1].set(title="accuracy", xlabel="step", ylim=(0, 1))
+  for ax in axes[0]:
+    ax.legend(fontsize="small")
+  return report.save(fig, run, "train")
