@@ -138,9 +138,11 @@ def axis_size(axis_name: types.AxisName, axis_index_groups=None) -> int:
 def check_mapped_axes(x, axis_name: types.AxisName) -> None:
   """Under shard_map, an input that varies over a mesh axis that is not synchronised is an error."""
   try:
-    varying = set(getattr(jax.typeof(x), "vma", ()) or ())
-  except Exception:  # noqa: BLE001  (older jax without typeof/vma: nothing to check)
+    aval = jax.typeof(x)
+  except AttributeError:  # jax without typeof: nothing to check
     return
+  manual = getattr(aval, "manual_axis_type", None)
+  varying = set(getattr(manual, "varying", None) or getattr(aval, "vma", None) or ())
   if not varying:
     return
   names = set() if axis_name is None else (

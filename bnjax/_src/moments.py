@@ -1,13 +1,10 @@
 """Batch moments: reduction axes, masks, float32 accumulation, a stable variance, cross-device sync.
 
-The variance is computed around a shift `K` (a sample of the data itself), in a single pass over `x`:
-
-  mean = K + S1 / n,   var = S2 / n - (S1 / n)^2,   S1 = sum(x - K),   S2 = sum((x - K)^2).
-
-With `K` drawn from the data, `|mean - K|` is of the order of the standard deviation, so the
-subtraction loses no more than a few bits, unlike the textbook `E[x^2] - E[x]^2`, which loses all of
-them when the mean dwarfs the spread (x = 1e4 + N(0, 1) in float32). With a mask the local moments
-take two passes (the first valid row is not known in advance), which is exact as well.
+The variance is computed in two passes, `mean = sum(x) / n`, then `var = sum((x - mean)^2) / n`,
+which stays exact when the mean dwarfs the spread (x = 1e4 + N(0, 1) in float32), unlike the
+one-pass `E[x^2] - E[x]^2` (Flax's `use_fast_variance=True`), which loses every significant bit
+there. On XLA:CPU, whose reductions do not share a pass anyway, it reads x as often as the one-pass
+form; it needs no element of x to be picked out as a shift, which sharding-in-types forbids.
 
 Across devices (an `axis_name`), each device's `(n_d, mean_d, M2_d)` are combined exactly, with
 Chan et al.'s pairwise rule in its all-reduce form:
@@ -64,18 +61,16 @@ def raw_moments(x, kept_axes: Tuple[int, ...], *, mask=None, axis_name: types.Ax
   xf = x.astype(acc)
   if mask is None:
     n_local = jnp.asarray(math.prod(x.shape[i] for i in red), acc)
-    shift = jax.lax.stop_gradient(xf[tuple(slice(0, 1) if i in red else slice(None)
-                                           for i in range(x.ndim))])
-    # Each sum reads x through its own fused expression (no shared full-size intermediate).
     local_mean = jnp.sum(xf, axis=red, keepdims=True) / n_local
-    local_m2 = jnp.maximum(
-        jnp.sum(jnp.square(xf - shift), axis=red, keepdims=True)
-        - n_local * jnp.square(local_mean - shift), 0.0)
+    # The barrier keeps mean's arithmetic out of the fused reduction below, so XLA:CPU reads x once
+    # for it instead of first writing a full-size (x - mean) temporary.
+    deviation = xf - jax.lax.optimization_barrier(local_mean)
+    local_m2 = jnp.sum(deviation * deviation, axis=red, keepdims=True)
   else:
     n_local = jnp.sum(mask, axis=red, keepdims=True, dtype=acc)
     safe_n = jnp.maximum(n_local, 1.0)
     local_mean = jnp.sum(jnp.where(mask, xf, 0.0), axis=red, keepdims=True) / safe_n
-    deviation = jnp.where(mask, xf - local_mean, 0.0)
+    deviation = jnp.where(mask, xf - jax.lax.optimization_barrier(local_mean), 0.0)
     local_m2 = jnp.sum(deviation * deviation, axis=red, keepdims=True)
 
   if axis_name is None or axis_name == ():
