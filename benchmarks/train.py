@@ -1,0 +1,326 @@
+"""Training-step benchmark: an MLP with batch norm, bnjax layers against flax.linen layers.
+
+  python -m benchmarks.train [--quick] [--out DIR] [--batch-size N] [--rounds N]
+
+The model is Dense -> BatchNorm -> ReLU per hidden layer (784-1024-1024-1024-10 by default), trained with
+softmax cross-entropy and Optax SGD with momentum; the training state is donated to the step. Only the batch
+norm layer class differs between the two arms (`bnjax.nn.BatchNorm` is a drop-in for `flax.linen.BatchNorm`,
+same arguments and variables), so both start from the very same parameters.
+
+Three ways of running a step, each in a fresh worker process whose XLA_FLAGS fix the number of host devices
+before jax is imported:
+  1 device       jax.jit on one CPU device;
+  shard_map      8 host devices, the batch split over a `batch` mesh axis, batch statistics and gradients
+                 synchronised with axis_name="batch";
+  sharded jit    8 host devices, the batch sharded with a NamedSharding, no axis name (XLA partitions it).
+
+Correctness: every configuration's first step (loss and the updated parameters and batch statistics) is
+compared with a plain one-device flax.linen step on the same global batch, computed in the same worker;
+a mismatch is reported loudly and makes the process exit with status 1. Timing follows
+`benchmarks._harness` (warm-up, interleaved random-order rounds, medians); throughput is examples per second
+of the global batch.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from benchmarks import _harness
+
+FULL_LAYERS = (784, 1024, 1024, 1024, 10)
+QUICK_LAYERS = (64, 32, 32, 10)
+MODES = ("1 device", "shard_map", "sharded jit")
+WORKER_DEVICES = {"1 device": 1, "shard_map": 8, "sharded jit": 8}
+BASELINE = "flax.linen"
+MOMENTUM = 0.9          # batch norm running-average decay
+LEARNING_RATE = 0.05
+TOLERANCE = 2e-4        # relative to the largest magnitude of each compared array
+
+
+def layer_classes() -> dict[str, Callable[..., Any]]:
+  """name -> a flax.linen batch norm class taking flax.linen.BatchNorm's arguments."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import bnjax.nn  # pylint: disable=g-import-not-at-top
+  return {"bnjax": bnjax.nn.BatchNorm, BASELINE: nn.BatchNorm}
+
+
+def make_model(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | None):
+  """Dense(no bias) -> norm -> relu for each hidden size, then a Dense classifier."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      for features in sizes[1:-1]:
+        x = nn.Dense(features, use_bias=False)(x)   # the norm's bias makes a Dense bias redundant
+        x = norm(use_running_average=not train, momentum=MOMENTUM, epsilon=1e-5, axis_name=axis_name)(x)
+        x = nn.relu(x)
+      return nn.Dense(sizes[-1])(x)
+
+  return MLP()
+
+
+class TrainState(NamedTuple):
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_step(model, tx, axis_name: str | None) -> Callable:
+  """The per-shard training step; with `axis_name` the loss and gradients are averaged across it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(params, batch_stats, x, labels):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                  mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if axis_name is not None:
+      # The global batch's mean loss. shard_map differentiates it into the global gradient by itself: the
+      # replicated parameters' cotangents are summed over the axis, so no pmean of the gradients follows.
+      loss = jax.lax.pmean(loss, axis_name)
+    return loss, updates.get("batch_stats", batch_stats)   # a layer may leave the statistics untouched
+
+  def step(state: TrainState, x, labels):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, x, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), loss
+
+  return step
+
+
+def compile_step(mode: str, model_for: Callable[[str | None], Any], tx, state: TrainState, x, labels):
+  """The jitted, state-donating step for `mode`, and its (state, x, labels) placed as it expects."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  if mode == "1 device":
+    return jax.jit(make_step(model_for(None), tx, None), donate_argnums=0), (state, x, labels)
+  # Auto axes: the classic sharded jit that XLA partitions, as bnjax.training.batch_mesh builds it.
+  mesh = jax.make_mesh((len(jax.devices()),), ("batch",), axis_types=(AxisType.Auto,))
+  replicated, by_batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  args = (jax.device_put(state, replicated), jax.device_put(x, by_batch), jax.device_put(labels, by_batch))
+  if mode == "shard_map":
+    step = jax.shard_map(make_step(model_for("batch"), tx, "batch"), mesh=mesh,
+                         in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P()))
+    return jax.jit(step, donate_argnums=0), args
+  if mode == "sharded jit":
+    step = make_step(model_for(None), tx, None)
+    return jax.jit(step, in_shardings=(replicated, by_batch, by_batch), out_shardings=(replicated, replicated),
+                   donate_argnums=0), args
+  raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _relative_errors(got, want) -> dict[str, float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  errors = {}
+  flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+  flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
+  if [p for p, _ in flat_got] != [p for p, _ in flat_want]:
+    return {"tree structure": float("inf")}
+  for (path, a), (_, b) in zip(flat_got, flat_want):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(float(np.max(np.abs(b))), 1e-12)
+    error = float(np.max(np.abs(a - b))) / scale if a.shape == b.shape and np.all(np.isfinite(a)) else np.inf
+    errors[jax.tree_util.keystr(path)] = error
+  return errors
+
+
+@dataclasses.dataclass
+class Row:
+  mode: str
+  implementation: str
+  devices: int
+  batch_size: int
+  layers: list[int]
+  median_ms: float | None = None
+  p25_ms: float | None = None
+  p75_ms: float | None = None
+  rounds: int = 0
+  examples_per_s: float | None = None
+  x_flax: float | None = None      # time ratio to flax.linen in the same mode (< 1 is faster)
+  faults_per_call: float | None = None
+  compile_s: float | None = None
+  check: str = "n/a"
+  max_error: float | None = None
+  worst_leaf: str | None = None
+  error: str | None = None
+
+
+def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, rounds: int, warmup: int,
+               seed: int = 0, classes: dict[str, Callable[..., Any]] | None = None) -> list[dict[str, Any]]:
+  """Checks and times every (layer class, mode) on this process's devices; returns Row dicts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  classes = classes or layer_classes()
+  tx = optax.sgd(LEARNING_RATE, momentum=0.9)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((batch_size, layers[0]), dtype=np.float32))
+  labels = jnp.asarray(rng.integers(0, layers[-1], batch_size), jnp.int32)
+  baseline_model = make_model(layers, classes[BASELINE], None)
+  variables = baseline_model.init(jax.random.key(seed), x[:2], train=False)
+
+  def fresh_state():
+    params = jax.tree.map(jnp.copy, variables["params"])
+    return TrainState(params, jax.tree.map(jnp.copy, variables["batch_stats"]), tx.init(params))
+
+  # The reference: one plain one-device flax.linen step on the whole batch.
+  reference_step = jax.jit(make_step(baseline_model, tx, None))
+  reference = jax.device_get(reference_step(fresh_state(), x, labels))
+
+  rows, calls = {}, {}
+  for mode in modes:
+    for name, norm in classes.items():
+      key = f"{name} | {mode}"
+      row = Row(mode=mode, implementation=name, devices=len(jax.devices()), batch_size=batch_size,
+                layers=list(layers))
+      rows[key] = row
+      try:
+        step, (state, xs, ys) = compile_step(
+            mode, lambda axis_name, norm=norm: make_model(layers, norm, axis_name), tx, fresh_state(), x, labels)
+        row.compile_s = _harness.compile_seconds(step, state, xs, ys)
+        state, loss = step(state, xs, ys)
+        errors = _relative_errors(jax.device_get((state, loss)), reference)
+        worst = max(errors, key=errors.get)
+        row.max_error, row.worst_leaf = errors[worst], worst
+        row.check = "pass" if errors[worst] <= TOLERANCE else "FAIL"
+        holder = {"state": state}
+
+        def call(step=step, holder=holder, xs=xs, ys=ys):
+          holder["state"], loss = step(holder["state"], xs, ys)
+          jax.block_until_ready(loss)
+
+        calls[key] = call
+      except Exception as error:  # pylint: disable=broad-except
+        row.check, row.error = "ERROR", f"{type(error).__name__}: {error}"
+  samples = _harness.round_robin(calls, rounds=rounds, warmup=warmup, seed=seed)
+  for key, sample in samples.items():
+    row = rows[key]
+    row.rounds = len(sample.seconds)
+    row.median_ms = sample.median_s * 1e3
+    row.p25_ms, row.p75_ms = sample.quantile_s(0.25) * 1e3, sample.quantile_s(0.75) * 1e3
+    row.examples_per_s = batch_size / sample.median_s
+    row.faults_per_call = sample.faults_per_call
+    baseline = f"{BASELINE} | {row.mode}"
+    if baseline in samples:
+      row.x_flax = _harness.median_ratio(sample, samples[baseline])
+  return [dataclasses.asdict(row) for row in rows.values()]
+
+
+def _spawn_worker(devices: int, modes: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Runs `modes` in a fresh interpreter with `devices` host devices; returns its rows."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "rows.json")
+    command = [sys.executable, "-m", "benchmarks.train", "--worker", out, "--modes", ",".join(modes),
+               "--rounds", str(args.rounds), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    if args.quick:
+      command.append("--quick")
+    completed = subprocess.run(command, env=env, cwd=_repo_root(), check=False)
+    if completed.returncode != 0 or not os.path.exists(out):
+      return [dataclasses.asdict(Row(mode=m, implementation=name, devices=devices, batch_size=args.batch_size,
+                                     layers=[], check="ERROR",
+                                     error=f"worker exited with status {completed.returncode}"))
+              for m in modes for name in (BASELINE, "bnjax")]
+    with open(out) as f:
+      return json.load(f)
+
+
+def _repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+HEADERS = ("mode", "implementation", "devices", "batch", "ms/step (median)", "p25-p75", "examples/s",
+           "x flax.linen (time)", "faults/step", "compile s", "check (max rel err)")
+
+
+def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequence[int]) -> str:
+  def cells(row):
+    spread = "-" if row["p25_ms"] is None else f"{row['p25_ms']:.2f}-{row['p75_ms']:.2f}"
+    check = row["check"] if row["max_error"] is None else f"{row['check']} ({row['max_error']:.1e})"
+    if row["error"]:
+      check = f"ERROR: {row['error'][:80]}"
+    return [row["mode"], row["implementation"], row["devices"], row["batch_size"],
+            "-" if row["median_ms"] is None else f"{row['median_ms']:.2f}", spread,
+            "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.0f}",
+            _harness.fmt_ratio(row["x_flax"]),
+            "-" if row["faults_per_call"] is None else f"{row['faults_per_call']:.0f}",
+            "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}", check]
+
+  lines = [f"Machine: {_harness.machine_line(info)}", f"Command: `{info['command']}`",
+           f"Model: MLP {'-'.join(map(str, layers))}, Dense -> BatchNorm -> ReLU, SGD momentum 0.9, donated state",
+           "", _harness.markdown_table(HEADERS, [cells(row) for row in rows])]
+  failures = [row for row in rows if row["check"] in ("FAIL", "ERROR")]
+  if failures:
+    lines += ["", "CORRECTNESS FAILURES:"]
+    lines += [f"  {row['mode']} {row['implementation']}: {row['error'] or row['worst_leaf']} "
+              f"{row['max_error']}" for row in failures]
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="a tiny MLP and few rounds: correctness in seconds")
+  parser.add_argument("--out", default=os.path.join("benchmarks", "out", "train"))
+  parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 256; quick 64)")
+  parser.add_argument("--rounds", type=int, default=None, help="timed steps per configuration (default 31)")
+  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: write rows here
+  args = parser.parse_args(argv)
+  args.batch_size = args.batch_size or (64 if args.quick else 256)
+  args.rounds = args.rounds or (3 if args.quick else 31)
+  unknown = set(args.modes.split(",")) - set(MODES)
+  if unknown:
+    parser.error(f"--modes: unknown {sorted(unknown)}, expected some of {list(MODES)}")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs every mode in worker processes; returns 0, or 1 if any configuration failed its check."""
+  args = parse_args(argv)
+  layers = QUICK_LAYERS if args.quick else FULL_LAYERS
+  modes = args.modes.split(",")
+  if args.worker:
+    rows = run_worker(modes, layers=layers, batch_size=args.batch_size, rounds=args.rounds,
+                      warmup=1 if args.quick else 3, seed=args.seed)
+    with open(args.worker, "w") as f:
+      json.dump(rows, f)
+    return 0
+  info = _harness.machine_info()
+  rows = []
+  for devices in sorted({WORKER_DEVICES[m] for m in modes}):
+    rows += _spawn_worker(devices, [m for m in modes if WORKER_DEVICES[m] == devices], args)
+  info["load_average_end"] = os.getloadavg()
+  markdown = render(rows, info, layers)
+  print(markdown)
+  failed = any(row["check"] in ("FAIL", "ERROR") for row in rows)
+  for row in rows:
+    if row["check"] in ("FAIL", "ERROR"):
+      print(f"!!! CORRECTNESS {row['check']}: {row['mode']} {row['implementation']}: "
+            f"{row['error'] or row['worst_leaf']} {row['max_error']}", file=sys.stderr)
+  verdicts = [{"target": "training throughput >= flax.linen", "mode": row["mode"], "ratio": row["x_flax"],
+               "met": row["x_flax"] is not None and row["x_flax"] <= 1.0}
+              for row in rows if row["implementation"] == "bnjax"]
+  payload = {"benchmark": "train", "quick": args.quick, "rounds": args.rounds, "layers": list(layers),
+             "batch_size": args.batch_size, "machine": info, "tolerance": TOLERANCE, "rows": rows,
+             "targets": verdicts, "all_checks_passed": not failed}
+  _harness.write_results(args.out, payload, markdown)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,187 @@
+"""The benchmarks run end to end in --quick mode and their correctness checks catch wrong implementations.
+
+Nothing here asserts anything about speed: --quick exists to prove that every implementation runs and agrees
+with the float64 reference, and that a disagreement fails the run.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import _harness
+from benchmarks import _reference
+from benchmarks import ops
+from benchmarks import train
+
+
+def _load(out_dir):
+  return json.loads((out_dir / "results.json").read_text())
+
+
+def test_ops_quick_every_implementation_runs_and_passes(tmp_path):
+  status = ops.main(["--quick", "--out", str(tmp_path)])
+  results = _load(tmp_path)
+  assert (tmp_path / "results.md").read_text().startswith("Machine:")
+  rows = results["rows"]
+  cases = ops.cases_for(ops.QUICK_SHAPES, ops.DTYPES, ops.MODES)
+  present = {(row["case"], row["implementation"]) for row in rows}
+  for case in cases:
+    for impl in ops.IMPLEMENTATIONS:
+      if impl.supports(case):
+        assert (case.label, impl.name) in present, (case.label, impl.name)
+  failures = [(row["case"], row["implementation"], row["error"] or row["max_errors"])
+              for row in rows if row["check"] not in ("pass", "n/a")]
+  assert not failures
+  assert status == 0 and results["all_checks_passed"]
+  # Only the floor goes unchecked; everything else compared every output array it must produce.
+  for row in rows:
+    if row["implementation"] == ops.FLOOR:
+      assert row["check"] == "n/a"
+    else:
+      expected = {"y", "mean", "var"} if row["mode"] == "fwd" else {"dx", "dscale", "dbias", "mean", "var"}
+      assert set(row["max_errors"]) == expected, row
+    assert row["rounds"] == results["rounds"] and row["median_ms"] > 0
+  for row in rows:   # both torch layouts appear for NHWC, and the best of them is named
+    if len(row["shape"]) == 4 and row["implementation"] != ops.FLOOR:
+      assert row["torch_best"] in ("torch NCHW", "torch channels_last")
+  assert {v["shape"][0] for v in results["targets"]} == {s[0] for s in ops.QUICK_SHAPES}
+
+
+# Wrong batch norms, each a plausible bug, to prove the check fails them. Each is a forward(x, params, state).
+def _wrong_forward(bug):
+  def forward(x, params, state):
+    scale, bias = params
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes)
+    var = jnp.var(x32, axis=axes, ddof=1 if bug == "unbiased variance in y" else 0)
+    if bug == "statistics treated as constants":   # forward right, backward misses d(mean)/dx, d(var)/dx
+      mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    y = (x32 - mean) * jax.lax.rsqrt(var + ops.EPSILON) * scale + bias
+    running_mean, running_var = state
+    if bug != "running statistics not updated":
+      running_mean = ops.DECAY * running_mean + (1 - ops.DECAY) * mean
+      running_var = ops.DECAY * running_var + (1 - ops.DECAY) * var
+    return y.astype(x.dtype), (running_mean, running_var)
+  return forward
+
+
+def _wrong_implementation(bug):
+  def build(case, data):
+    return ops._jax_prepared(  # pylint: disable=protected-access
+        case, _wrong_forward(bug), jnp.asarray(data.x), (jnp.asarray(data.scale), jnp.asarray(data.bias)),
+        (jnp.asarray(data.mean0), jnp.asarray(data.var0)), jnp.asarray(data.cotangent),
+        running=lambda s: s, param_grads=lambda p: p,
+        rule=_reference.ema_rule(data.mean0, data.var0, data.decay))
+  return ops.Implementation(f"wrong: {bug}", build)
+
+
+@pytest.mark.parametrize("bug, mode, caught", [
+    ("unbiased variance in y", "fwd", {"y", "var"}),
+    ("statistics treated as constants", "fwd_bwd", {"dx"}),
+    ("running statistics not updated", "fwd", {"mean", "var"}),
+])
+def test_ops_check_fails_a_wrong_implementation(bug, mode, caught):
+  case = ops.Case((32, 16), "float32", mode)
+  reference_impl = next(impl for impl in ops.IMPLEMENTATIONS if impl.name == "jnp+autodiff")
+  rows = {row.implementation: row for row in ops.run_case(
+      case, [reference_impl, _wrong_implementation(bug)], rounds=1, warmup=0)}
+  assert rows["jnp+autodiff"].check == "pass"
+  wrong = rows[f"wrong: {bug}"]
+  assert wrong.check == "FAIL"
+  failed = {name for name, error in wrong.max_errors.items() if error > _reference.TOLERANCE["float32"]}
+  assert failed == caught
+
+
+def test_ops_wrong_implementation_makes_the_run_fail(tmp_path, capsys):
+  impls = [impl for impl in ops.IMPLEMENTATIONS if impl.name in (ops.BASELINE, ops.FLOOR)]
+  impls.append(_wrong_implementation("statistics treated as constants"))
+  status = ops.main(["--quick", "--dtypes", "float32", "--modes", "fwd_bwd", "--out", str(tmp_path)],
+                    implementations=impls)
+  assert status == 1
+  results = _load(tmp_path)
+  assert not results["all_checks_passed"]
+  assert {row["implementation"]: row["check"] for row in results["rows"]} == {
+      ops.BASELINE: "pass", ops.FLOOR: "n/a", "wrong: statistics treated as constants": "FAIL"}
+  assert "CORRECTNESS FAIL" in capsys.readouterr().err
+
+
+def test_reference_matches_finite_differences():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((6, 3))
+  scale, bias, g = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal((6, 3))
+  ref = _reference.batch_norm_reference(x, scale, bias, g, epsilon=1e-3)
+  loss = lambda x, s, b: np.sum(g * _reference.batch_norm_reference(x, s, b, g, epsilon=1e-3).y)
+  step = 1e-6
+  for i, j in [(0, 0), (3, 2), (5, 1)]:
+    dx = np.zeros_like(x)
+    dx[i, j] = step
+    numeric = (loss(x + dx, scale, bias) - loss(x - dx, scale, bias)) / (2 * step)
+    np.testing.assert_allclose(ref.dx[i, j], numeric, rtol=1e-5)
+  e = np.eye(3)[1] * step
+  np.testing.assert_allclose(ref.dscale[1], (loss(x, scale + e, bias) - loss(x, scale - e, bias)) / (2 * step),
+                             rtol=1e-5)
+  np.testing.assert_allclose(ref.dbias[1], g[:, 1].sum(), rtol=1e-12)
+  np.testing.assert_allclose(ref.y.mean(0), bias, atol=1e-12)
+
+
+def test_harness_round_robin_interleaves_and_aligns_rounds():
+  log = []
+  calls = {name: (lambda name=name: log.append(name)) for name in "abc"}
+  samples = _harness.round_robin(calls, rounds=4, warmup=1, seed=3)
+  assert log[:3] == ["a", "b", "c"]                       # warm-up, once each
+  timed = log[3:]
+  assert all(sorted(timed[3 * r:3 * r + 3]) == ["a", "b", "c"] for r in range(4))   # one of each per round
+  assert len({tuple(timed[3 * r:3 * r + 3]) for r in range(4)}) > 1                 # order varies
+  assert all(len(s.seconds) == len(s.minor_faults) == 4 for s in samples.values())
+  fast = _harness.Samples(seconds=[1.0, 2.0, 4.0])
+  slow = _harness.Samples(seconds=[2.0, 4.0, 8.0])
+  assert _harness.median_ratio(slow, fast) == 2.0
+  assert fast.quantile_s(0.5) == fast.median_s == 2.0
+
+
+def test_train_quick_every_configuration_runs_and_passes(tmp_path):
+  status = train.main(["--quick", "--out", str(tmp_path)])
+  results = _load(tmp_path)
+  rows = results["rows"]
+  assert {(row["mode"], row["implementation"]) for row in rows} == {
+      (mode, name) for mode in train.MODES for name in ("bnjax", train.BASELINE)}
+  assert all(row["check"] == "pass" for row in rows), [(r["mode"], r["implementation"], r["error"]) for r in rows]
+  assert {row["mode"]: row["devices"] for row in rows} == train.WORKER_DEVICES
+  assert all(row["examples_per_s"] > 0 and row["rounds"] == results["rounds"] for row in rows)
+  assert status == 0 and results["all_checks_passed"]
+
+
+def test_train_check_fails_a_wrong_layer():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class BatchNorm(nn.Module):   # named like flax's, so its variables get the same paths
+    """flax.linen.BatchNorm's variables and forward, but the batch statistics treated as constants in the
+    backward: the loss of the first step is right, the gradients are not."""
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      features = (x.shape[-1],)
+      scale = self.param("scale", nn.initializers.ones, features)
+      bias = self.param("bias", nn.initializers.zeros, features)
+      running_mean = self.variable("batch_stats", "mean", jnp.zeros, features)
+      running_var = self.variable("batch_stats", "var", jnp.ones, features)
+      mean = jax.lax.stop_gradient(x.mean(0))
+      var = jax.lax.stop_gradient(x.var(0))
+      if not self.is_initializing():
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+      return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+  rows = train.run_worker(["1 device"], layers=train.QUICK_LAYERS, batch_size=16, rounds=1, warmup=0,
+                          classes={train.BASELINE: nn.BatchNorm, "wrong": BatchNorm})
+  checks = {row["implementation"]: row["check"] for row in rows}
+  assert checks == {train.BASELINE: "pass", "wrong": "FAIL"}, [row["error"] for row in rows]
+  wrong = next(row for row in rows if row["implementation"] == "wrong")
+  assert wrong["worst_leaf"].startswith("[0]")   # caught in the updated state (gradients), not the loss
