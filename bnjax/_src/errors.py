@@ -11,7 +11,15 @@ from bnjax._src import types
 
 def feature_axes(axis: types.Axis, ndim: int, *, arg: str = "axis") -> Tuple[int, ...]:
   """Canonical (non-negative, sorted) feature axes; raises on out-of-range or repeated axes."""
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if isinstance(axis, (int, np.integer)):
+    axes = (axis,)
+  else:
+    try:
+      axes = tuple(axis)
+    except TypeError:
+      raise TypeError(
+          f"`{arg}` must be a Python int or a tuple of ints (static; under jax.jit mark it with "
+          f"static_argnames), got {axis!r}.") from None
   if not axes:
     raise ValueError(f"`{arg}` must name at least one feature axis, got {axis!r}.")
   canonical = []
