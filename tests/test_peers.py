@@ -119,3 +119,12 @@ def test_matches_pytorch_over_five_steps_then_eval(kind, shape, axis, channels_l
   x = _batches(shape, seed=3)[1]
   y, _ = bnjax.batch_norm(x, params, stats, train=False, axis=axis, epsilon=eps)
   np.testing.assert_allclose(y, from_torch(layer(to_torch(x))), atol=1e-5, rtol=1e-5)
+
+
+def test_large_mean_where_flax_default_fails():
+  x = 1e4 + jax.random.normal(jax.random.key(0), (4096, 4))
+  module = nn.BatchNorm(use_running_average=False)
+  y_flax, _ = module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  y_ours, _ = bnjax.batch_norm(x, *bnjax.init(4), train=True)
+  assert np.all(np.std(np.asarray(y_flax), axis=0) > 100)  # flax's one-pass E[x^2] - E[x]^2
+  np.testing.assert_allclose(np.std(np.asarray(y_ours), axis=0), 1.0, atol=1e-3)
