@@ -22,16 +22,15 @@ and its gradient is `sum_d grad(n_d * L_d / N)` where each device's gradient alr
 the synchronised BatchNorm's backward pass, the other devices' dependence on its statistics.
 
 A model whose BatchNorm has no `axis_name` under `pmap` / `shard_map` normalizes each device's shard with
-that shard's own statistics (the per-device mode of Ioffe & Szegedy (2015), Section 3.1's "mini-batch" =
-each device's batch, as in Goyal et al. (2017), "Accurate, Large Minibatch SGD", which uses 32 examples
-per device). Its running statistics then differ per device: `sync_batch_stats=True` (default) averages
+that shard's own statistics: the per-device mode, where the paper's mini-batch is each device's batch
+(Goyal et al. (2017), "Accurate, Large Minibatch SGD", Section 5, normalize 32 examples per worker this
+way). Its running statistics then differ per device: `sync_batch_stats=True` (default) averages
 them across devices after each step, so every replica keeps the same `batch_stats`;
 `sync_batch_stats=False` keeps each device's own (under `shard_map` the state then holds them with a
 leading device axis, see `replicate(..., per_device_batch_stats=True)`).
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -249,9 +248,9 @@ def replicate(
 
   * `mesh_or_devices` a `Mesh` (for `parallel="jit"` or `"shard_map"`): every leaf is replicated,
     `NamedSharding(mesh, P())`; on many processes every process passes the same `tree` (e.g. created
-    from the same key) and places its own devices' copies. With `per_device_batch_stats=True` (for `shard_map` with
-    `sync_batch_stats=False`; `tree` must be a `TrainState`), `batch_stats` leaves get a leading axis of
-    size `mesh.shape[axis_name]`, split over `axis_name`: one copy per device.
+    from the same key) and places its own devices' copies. With `per_device_batch_stats=True` (for
+    `shard_map` with `sync_batch_stats=False`; `tree` must be a `TrainState`), `batch_stats` leaves get a
+    leading axis of size `mesh.shape[axis_name]`, split over `axis_name`: one copy per device.
   * a sequence of devices, or None for the local devices (for `parallel="pmap"`): every leaf gets a leading
     device axis, one copy per device, as `pmap` expects.
 
@@ -579,7 +578,9 @@ def make_eval_step(
 
   Arguments and layouts are those of `make_train_step`; metrics are the example-weighted means over the
   global batch. A BatchNorm built with `axis_name` does not synchronise in evaluation mode, so the same
-  model serves both steps.
+  model serves both steps. Under "shard_map" the state's `batch_stats` are replicated: to evaluate a state
+  trained with `sync_batch_stats=False`, pick one device's statistics first, e.g.
+  `state._replace(batch_stats=unreplicate(state.batch_stats))`.
   """
   _check_parallel(parallel, mesh, axis_name, model)
   if not jit and parallel in ("pmap", "jit"):

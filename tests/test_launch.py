@@ -54,7 +54,8 @@ def test_readme_launch_two_processes_equals_one_process(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   for pid in (0, 1):
     assert f"[{pid}] process {pid} of 2, 4 devices: step 30" in result.stdout, result.stdout
-  result = run_bash(command.replace("--processes 2 --devices-per-process 2", "--processes 1 --devices-per-process 4"), one)
+  one_process = command.replace("--processes 2 --devices-per-process 2", "--processes 1 --devices-per-process 4")
+  result = run_bash(one_process, one)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "[0] process 0 of 1, 4 devices: step 30" in result.stdout, result.stdout
 
