@@ -56,6 +56,19 @@ def make_mlp(config, num_classes: int, *, norm: Optional[str] = None, activation
       kernel_init=kernel_init(config.init_stddev), **kwargs)
 
 
+class InputNormMLP(linen.Module):
+  """A `bnjax.nn.BatchNorm` on the raw inputs, then ``mlp`` (the article's "normalize the input layer")."""
+  mlp: bn_nn.MLP
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+
+  @linen.compact
+  def __call__(self, x, *, train: bool):
+    x = bn_nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
+                        name="BatchNorm_input")(x)
+    return self.mlp(x, train=train)
+
+
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
   """SGD, SGD with Nesterov-free momentum 0.9, or Adam; the learning rate lives in the optimizer state.
 
@@ -141,9 +154,10 @@ def _boundaries(num_steps: int, eval_every: int, checkpoint_every: int) -> list:
 
 def init_states(model, tx, sample_x, seeds: Sequence[int], learning_rates=None):
   """Stacked `TrainState`s, one per seed (``jax.random.key(seed)`` initializes it)."""
-  keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
-  create = lambda key: training.create_train_state(model, tx, sample_x, rng=key)
-  states = jax.vmap(create)(keys)
+  # One jitted init called per seed, then stacked: XLA compiles the random initializers far faster
+  # unbatched than under vmap, and the values are the same.
+  create = jax.jit(lambda key: training.create_train_state(model, tx, sample_x, rng=key))
+  states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[create(jax.random.key(int(s))) for s in seeds])
   if learning_rates is not None:
     states = set_learning_rates(states, learning_rates)
   return states
@@ -310,3 +324,25 @@ def first_step_reaching(steps, values, target: float) -> float:
 
 def fmt_pm(mean, se, scale: float = 1.0, digits: int = 2) -> str:
   return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
+
+
+def grid(learning_rates: Sequence[float], seeds: Sequence[int]):
+  """Flat per-model learning rates and seeds for every (learning rate, seed) pair, learning rate major."""
+  lrs = [float(lr) for lr in learning_rates for _ in seeds]
+  flat_seeds = [int(s) for _ in learning_rates for s in seeds]
+  return lrs, flat_seeds
+
+
+def seeds_of(config) -> list:
+  return [config.seed + i for i in range(config.num_seeds)]
+
+
+def train_arm(run, arm: str, config, model, dataset, *, learning_rates=None, seeds=None,
+              batch_size=None, **kwargs):
+  """`train_models` with the config's optimizer, steps, batch size, evaluation and checkpoint cadence."""
+  seeds = seeds_of(config) if seeds is None else seeds
+  tx = make_optimizer(config.optimizer, config.learning_rate)
+  return train_models(run, arm, model, tx, dataset, seeds=seeds, num_steps=config.num_steps,
+                      batch_size=config.batch_size if batch_size is None else batch_size, eval_every=config.eval_every,
+                      checkpoint_every=config.checkpoint_every, learning_rates=learning_rates,
+                      num_devices=config.num_devices, **kwargs)

@@ -1,0 +1,84 @@
+"""The article's age / salary example: batch norm on raw inputs whose scales differ by 10^5.
+
+Four arms, the same seeds (initial weights, batch order) in each: no BN on the raw features; a BatchNorm
+on the raw inputs; BN before each hidden activation (raw inputs); and inputs standardized with the
+training split's mean and standard deviation (no BN). The article's claim: normalizing the inputs is what
+makes such data learnable, and a BN layer on the input does that from the batches alone.
+"""
+import numpy as np
+
+from experiments import common
+from experiments import report
+from experiments.runner import Result, Table, Verdict
+
+TITLE = "raw features on wildly different scales (the article's age / salary example)"
+ARMS = ("none", "input_bn", "hidden_bn", "standardized")
+
+
+def describe_criterion(criterion) -> str:
+  return (f"BN on the raw input is within {criterion.max_gap_points:g} accuracy points of standardized "
+          f"inputs (mean final test accuracy), and raw inputs without BN are more than "
+          f"{criterion.min_raw_deficit_points:g} points worse than standardized ones.")
+
+
+def evaluate(metrics: dict, criterion) -> Verdict:
+  acc = {arm: 100.0 * metrics["final_test_accuracy"][arm] for arm in ARMS}
+  gap = acc["input_bn"] - acc["standardized"]
+  deficit = acc["standardized"] - acc["none"]
+  close = abs(gap) <= criterion.max_gap_points
+  worse = deficit > criterion.min_raw_deficit_points
+  return Verdict(held=bool(close and worse), reason=(
+      f"input BN {acc['input_bn']:.2f}% vs standardized {acc['standardized']:.2f}% (gap {gap:+.2f}, "
+      f"{'within' if close else 'outside'} {criterion.max_gap_points:g}); raw without BN "
+      f"{acc['none']:.2f}%, {deficit:.2f} points below standardized "
+      f"({'more' if worse else 'not more'} than {criterion.min_raw_deficit_points:g})."))
+
+
+def _model(config, arm, num_classes):
+  if arm == "input_bn":
+    return common.InputNormMLP(common.make_mlp(config, num_classes, norm="none"),
+                               momentum=config.momentum, epsilon=config.epsilon)
+  return common.make_mlp(config, num_classes, norm="pre" if arm == "hidden_bn" else "none")
+
+
+def run(config, run) -> Result:
+  raw = common.load_data(config, standardize=False)
+  standardized = common.load_data(config, standardize=True)
+  metrics = {"final_test_accuracy": {}, "final_test_accuracy_se": {}, "seed_test_accuracy": {}}
+  histories, finals = {}, []
+  for arm in ARMS:
+    dataset = standardized if arm == "standardized" else raw
+    model = _model(config, arm, dataset.num_classes)
+    state, history = common.train_arm(run, arm, config, model, dataset)
+    finals.append(state)
+    histories[arm] = history
+    final = history.final("test_accuracy")
+    mean, se = common.mean_se(final)
+    metrics["final_test_accuracy"][arm], metrics["final_test_accuracy_se"][arm] = float(mean), float(se)
+    metrics["seed_test_accuracy"][arm] = final.tolist()
+  scales = np.abs(raw.train.x).max(axis=0)
+  rows = [[arm, common.fmt_pm(metrics["final_test_accuracy"][arm], metrics["final_test_accuracy_se"][arm],
+                              100.0),
+           common.fmt_pm(*common.mean_se(histories[arm].final("val_accuracy")), 100.0)] for arm in ARMS]
+  names = raw.feature_names or [f"x{i}" for i in range(len(scales))]
+  tables = [
+      Table(f"{config.dataset} ({len(raw.train.y)} training rows), MLP {tuple(config.hidden)} "
+            f"{config.activation}, {config.optimizer} lr {config.learning_rate:g}, {config.num_steps} steps, "
+            f"{config.num_seeds} seeds", ["arm", "final test acc %", "final val acc %"], rows),
+      Table("raw feature scales (max |x| on the training split)", list(names),
+            [[f"{s:.3g}" for s in scales]]),
+  ]
+  plots = [_plot(run, histories)]
+  return Result(metrics=metrics, tables=tables, plots=plots, state_digest=common.state_digest(*finals))
+
+
+def _plot(run, histories) -> str:
+  fig, axes = report.figure(2)
+  for arm, h in histories.items():
+    report.band(axes[0, 0], h.steps, h.values["test_accuracy"], label=arm)
+    finite = np.where(np.isfinite(h.values["test_loss"]), h.values["test_loss"], np.nan)
+    report.band(axes[0, 1], h.steps, finite, label=arm, logy=True)
+  axes[0, 0].set(title="test accuracy", xlabel="step", ylim=(0.3, 1))
+  axes[0, 1].set(title="test loss", xlabel="step")
+  axes[0, 0].legend(fontsize="small")
+  return report.save(fig, run, "feature_scale")

@@ -1,0 +1,149 @@
+"""Statistics for inference: running averages (biased / unbiased) vs population statistics (Algorithm 2).
+
+Ioffe & Szegedy (2015), Algorithm 2: after training, each BN layer gets ``E[x] = E_B[mu_B]`` and
+``Var[x] = m/(m-1) E_B[sigma_B^2]``, averaged over training mini-batches of size ``m`` with the network in
+training mode. Practice (Flax, Keras) keeps an exponential running average of the batch statistics
+instead, with the biased batch variance; PyTorch stores the unbiased ``m/(m-1) sigma_B^2``. The running
+average of the unbiased variance is ``m/(m-1)`` times that of the biased one (the average is linear and
+``m`` is fixed), so both come from one training run.
+
+The reference statistics of layer ``k`` are the mean and (biased) variance of its input over the whole
+training split, taken as one batch in training mode. Errors: ``|v - v_ref| / v_ref`` for variances and
+``|mu - mu_ref| / sqrt(v_ref)`` for means, averaged over the layers' features and the seeds.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax import nn as bn_nn
+from experiments import common
+from experiments import report
+from experiments.runner import Result, Table, Verdict
+
+TITLE = "population statistics (Algorithm 2) vs running averages, biased vs unbiased"
+ESTIMATORS = ("running_biased", "running_unbiased", "population_alg2", "whole_split")
+
+
+def describe_criterion(criterion) -> str:
+  return (f"at batch size {criterion.unbiased_better_at} the unbiased (m/(m-1)) running variance is closer to "
+          f"the reference than the biased one, and at every batch size Algorithm 2's population statistics "
+          f"lose at most {criterion.max_accuracy_drop_points:g} test-accuracy points against the biased "
+          f"running average.")
+
+
+def evaluate(metrics: dict, criterion) -> Verdict:
+  by_size = {int(k): v for k, v in metrics["by_batch_size"].items()}
+  at = by_size[int(criterion.unbiased_better_at)]
+  unbiased_better = at["var_error"]["running_unbiased"] < at["var_error"]["running_biased"]
+  drops = {m: 100 * (v["test_accuracy"]["running_biased"] - v["test_accuracy"]["population_alg2"])
+           for m, v in by_size.items()}
+  small_drop = all(d <= criterion.max_accuracy_drop_points for d in drops.values())
+  return Verdict(held=bool(unbiased_better and small_drop), reason=(
+      f"at m={criterion.unbiased_better_at} variance error unbiased {at['var_error']['running_unbiased']:.3f} "
+      f"vs biased {at['var_error']['running_biased']:.3f}; accuracy lost by Algorithm 2 against the biased "
+      f"running average: " + ", ".join(f"m={m}: {d:+.2f}" for m, d in sorted(drops.items())) + " points."))
+
+
+def bn_inputs(model, params, batch_stats, x, activation) -> dict:
+  """The input of each BatchNorm_i, training mode: Dense_i's output ("pre") or its activation ("post")."""
+  _, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                         mutable=["batch_stats", "intermediates"],
+                         capture_intermediates=lambda module, _: isinstance(module, bn_nn.linen.Dense))
+  captured = state["intermediates"]
+  inputs = {}
+  for name in batch_stats:
+    index = name.rsplit("_", 1)[1]
+    out = captured[f"Dense_{index}"]["__call__"][0]
+    inputs[name] = out if model.norm == "pre" else activation(out)
+  return inputs
+
+
+def statistics(model, activation, train_x, rows):
+  """Per model: Algorithm 2's population statistics over the batches ``rows`` and the whole-split ones."""
+  def stats(state):
+    def moments(x):
+      inputs = bn_inputs(model, state.params, state.batch_stats, x, activation)
+      return {k: (v.mean(0), v.var(0)) for k, v in inputs.items()}
+
+    def body(total, r):
+      batch = moments(train_x[r])
+      return jax.tree.map(jnp.add, total, batch), None
+
+    zeros = jax.tree.map(jnp.zeros_like, moments(train_x[rows[0]]))
+    total, _ = jax.lax.scan(body, zeros, rows)
+    m = rows.shape[1]
+    alg2 = {k: {"mean": mu / len(rows), "var": var / len(rows) * m / (m - 1)} for k, (mu, var) in total.items()}
+    whole = {k: {"mean": mu, "var": var} for k, (mu, var) in moments(train_x).items()}
+    return alg2, whole
+  return stats
+
+
+def _errors(estimate, reference):
+  """Mean relative variance error and standardized mean error per model (leading axis)."""
+  var_err, mean_err = [], []
+  for name, ref in reference.items():
+    est = estimate[name]
+    var_err.append(np.abs(est["var"] - ref["var"]) / ref["var"])
+    mean_err.append(np.abs(est["mean"] - ref["mean"]) / np.sqrt(ref["var"]))
+  return np.concatenate(var_err, axis=-1).mean(-1), np.concatenate(mean_err, axis=-1).mean(-1)
+
+
+def run(config, run) -> Result:
+  dataset = common.load_data(config)
+  train_x = jnp.asarray(dataset.train.x)
+  activation = common.ACTIVATIONS[config.activation]
+  test_x, test_y = jnp.asarray(dataset.test.x), jnp.asarray(dataset.test.y)
+  model = common.make_mlp(config, dataset.num_classes)
+  eval_fn = jax.jit(jax.vmap(common.make_eval_fn(model), in_axes=(0, None, None)))
+  by_size, finals, rows = {}, [], []
+  for m in config.batch_sizes:
+    state, history = common.train_arm(run, f"batch_{m}", config, model, dataset, batch_size=m)
+    finals.append(state)
+    epoch = common.batch_rows(len(dataset.train.y), m, config.seed, 0, len(dataset.train.y) // m)
+    alg2, whole = jax.jit(jax.vmap(statistics(model, activation, train_x, jnp.asarray(epoch))))(state)
+    running = jax.device_get(state.batch_stats)
+    estimates = {
+        "running_biased": running,
+        "running_unbiased": {k: {"mean": v["mean"], "var": v["var"] * m / (m - 1)} for k, v in running.items()},
+        "population_alg2": jax.device_get(alg2),
+        "whole_split": jax.device_get(whole),
+    }
+    result = {"var_error": {}, "mean_error": {}, "test_accuracy": {}, "test_accuracy_se": {}}
+    for name, stats in estimates.items():
+      var_err, mean_err = _errors(stats, estimates["whole_split"])
+      stats_tree = {k: {"mean": jnp.asarray(v["mean"]), "var": jnp.asarray(v["var"])} for k, v in stats.items()}
+      accuracy = np.asarray(eval_fn(state._replace(batch_stats=stats_tree), test_x, test_y)["accuracy"])
+      result["var_error"][name] = float(var_err.mean())
+      result["mean_error"][name] = float(mean_err.mean())
+      mean, se = common.mean_se(accuracy)
+      result["test_accuracy"][name], result["test_accuracy_se"][name] = float(mean), float(se)
+      rows.append([m, name, result["var_error"][name], result["mean_error"][name],
+                   common.fmt_pm(mean, se, 100.0)])
+    by_size[str(m)] = result
+  table = Table(f"{config.dataset}, MLP {tuple(config.hidden)} {config.activation} norm={config.norm}, "
+                f"{config.optimizer} lr {config.learning_rate:g}, {config.num_steps} steps, momentum "
+                f"{config.momentum:g}, {config.num_seeds} seeds; errors against the whole-split statistics",
+                ["batch size m", "statistics", "variance rel. error", "mean error (in sd)", "test acc %"], rows)
+  plots = [_plot(run, config, by_size)]
+  return Result(metrics={"by_batch_size": by_size}, tables=[table], plots=plots,
+                state_digest=common.state_digest(*finals))
+
+
+def _plot(run, config, by_size) -> str:
+  fig, axes = report.figure(2)
+  sizes = [int(m) for m in by_size]
+  width = 0.8 / len(ESTIMATORS)
+  colors = ("tab:gray", "tab:orange", "tab:blue", "tab:green")
+  for k, (name, color) in enumerate(zip(ESTIMATORS, colors)):
+    x = np.arange(len(sizes)) + (k - (len(ESTIMATORS) - 1) / 2) * width
+    axes[0, 0].bar(x, [by_size[str(m)]["var_error"][name] for m in sizes], width, label=name, color=color)
+    axes[0, 1].bar(x, [by_size[str(m)]["test_accuracy"][name] for m in sizes], width,
+                   yerr=[by_size[str(m)]["test_accuracy_se"][name] for m in sizes], capsize=2, label=name,
+                   color=color)
+  for ax in axes[0]:
+    ax.set_xticks(np.arange(len(sizes)), [f"m={m}" for m in sizes])
+  low = min(by_size[str(m)]["test_accuracy"][n] for m in sizes for n in ESTIMATORS)
+  axes[0, 0].set(title="variance error vs whole-split statistics", ylabel="mean |v - v_ref| / v_ref")
+  axes[0, 1].set(title="test accuracy", ylim=(max(0.0, low - 0.05), 1.0))
+  axes[0, 0].legend(fontsize="small")
+  return report.save(fig, run, "inference")
