@@ -10,10 +10,13 @@ Flax layers live in `bnjax.nn` (linen) and `bnjax.nnx`; training in `bnjax.train
 from bnjax._src.batch_norm import batch_norm
 from bnjax._src.batch_norm import init
 from bnjax._src.batch_norm import normalize
+from bnjax._src.inference import fold_dense
 from bnjax._src.moments import moments
 from bnjax._src.running import RUNNING_RULES
 from bnjax._src.types import BatchNormParams
 from bnjax._src.types import BatchStats
+from bnjax._src.variants import batch_renorm
+from bnjax._src.variants import precise_batch_stats
 
 __version__ = "0.1.0"
 
@@ -22,7 +25,10 @@ __all__ = (
     "BatchStats",
     "RUNNING_RULES",
     "batch_norm",
+    "batch_renorm",
+    "fold_dense",
     "init",
     "moments",
     "normalize",
+    "precise_batch_stats",
 )
