@@ -13,8 +13,9 @@ Every implementation's output is checked against the float64 NumPy reference in 
 (tolerance by dtype) in the same run; a mismatch is printed loudly and makes the process exit with status 1.
 Timing follows `benchmarks._harness`: warm-up, interleaved random-order rounds, medians, ratios as medians of
 per-round ratios. The memory-bandwidth floor is a jitted elementwise pass over as many arrays of x's size as
-the operation must touch at least (2 forward, 5 forward+backward: the forward's read and write, plus the
-backward's reads of x and g and write of dx).
+the operation must touch at least (2 forward: read x, write y; 5 forward+backward, where y is not kept: read
+x for the statistics, read x and g for the two backward sums, read x and g and write dx; timed as one kernel
+that reads 4 arrays and writes 1).
 
 Results: a markdown table on stdout, and results.json / results.md in --out (default benchmarks/out/ops,
 ignored by git; the committed record is benchmarks/RESULTS.md).
@@ -81,6 +82,8 @@ class Prepared:
   running_rule: _reference.RunningRule | None
   compile_s: float | None = None   # lower + compile, for jitted implementations
   note: str = ""
+  jitted: Any = None               # the jitted function and its arguments, for HLO inspection
+  args: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _jax_prepared(case: Case, forward: Callable, x, params, state, cotangent, *,
 
   compile_s = _harness.compile_seconds(jitted, *args)
   return Prepared(call=lambda: jax.block_until_ready(jitted(*args)), outputs=outputs, running_rule=rule,
-                  compile_s=compile_s, note=note)
+                  compile_s=compile_s, note=note, jitted=jitted, args=args)
 
 
 def _device_inputs(data: CaseData):
@@ -348,12 +351,16 @@ def build_floor(case: Case, data: CaseData) -> Prepared:
     jitted = jax.jit(lambda x: x * 1.5 + 0.25)                            # read 1, write 1
     args = (x,)
   else:
-    third = jnp.asarray(data.x) + jnp.asarray(1, x.dtype)                 # a distinct buffer
-    jitted = jax.jit(lambda x, g, h: (x * g + h, x * h - g))              # read 3, write 2
-    args = (x, g, third)
+    # The fewest bytes a forward+backward must move when y is not kept: read x (statistics), read x and g
+    # (the two backward sums), read x and g and write dx. As one kernel: read 4 distinct arrays, write 1.
+    # (Two outputs would not do: XLA:CPU gives each its own loop, rereading the shared inputs.)
+    h = jnp.asarray(data.x) + jnp.asarray(1, x.dtype)                     # distinct buffers
+    k = jnp.asarray(data.cotangent) + jnp.asarray(1, x.dtype)
+    jitted = jax.jit(lambda x, g, h, k: x * g + h * k)                    # read 4, write 1
+    args = (x, g, h, k)
   compile_s = _harness.compile_seconds(jitted, *args)
   return Prepared(call=lambda: jax.block_until_ready(jitted(*args)), outputs=None, running_rule=None,
-                  compile_s=compile_s, note=f"{2 if case.mode == 'fwd' else 5} arrays")
+                  compile_s=compile_s, note=f"{2 if case.mode == 'fwd' else 5} arrays", jitted=jitted, args=args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,6 +477,7 @@ class Row:
   compile_s: float | None = None
   compile_method: str | None = None
   first_call_ms: float | None = None
+  load_average: float | None = None   # 1-minute load average when the case started: > cores means contention
   check: str = "n/a"           # "pass" | "FAIL" | "n/a" (the floor) | "ERROR"
   max_errors: dict[str, float] = dataclasses.field(default_factory=dict)
   error: str | None = None
@@ -482,12 +490,13 @@ def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: i
   reference = _reference.batch_norm_reference(data.x, data.scale, data.bias, data.cotangent,
                                               epsilon=data.epsilon)
   tolerance = _reference.TOLERANCE[case.dtype]
+  load_average = os.getloadavg()[0]
   rows, calls = {}, {}
   for impl in implementations:
     if not impl.supports(case):
       continue
     row = Row(case=case.label, mode=case.mode, dtype=case.dtype, shape=list(case.shape),
-              implementation=impl.name, family=impl.family, note="")
+              implementation=impl.name, family=impl.family, note="", load_average=load_average)
     rows[impl.name] = row
     try:
       prepared = impl.build(case, data)
@@ -563,7 +572,7 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
         continue
       value = getattr(row, column)
       verdicts.append({"target": description, "shape": row.shape, "ratio": value, "bound": bound,
-                       "met": value is not None and value <= bound})
+                       "met": None if value is None else value <= bound})
   return verdicts
 
 
@@ -574,7 +583,7 @@ def render(rows: Sequence[Row], verdicts: Sequence[dict[str, Any]], info: dict[s
     lines += ["", _harness.markdown_table(
         ("target (float32)", "shape", "bnjax ratio", "met"),
         [(v["target"], "x".join(map(str, v["shape"])), _harness.fmt_ratio(v["ratio"]),
-          "yes" if v["met"] else "NO") for v in verdicts])]
+          {True: "yes", False: "NO", None: "-"}[v["met"]]) for v in verdicts])]
   failures = [row for row in rows if row.check in ("FAIL", "ERROR")]
   if failures:
     lines += ["", "CORRECTNESS FAILURES:"]
@@ -591,9 +600,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--only", default="",
                       help="comma-separated implementation names to run (the floor and flax.linen are kept)")
   parser.add_argument("--rounds", type=int, default=None, help="timed calls per implementation (default 31)")
+  parser.add_argument("--shapes", default="",
+                      help="comma-separated shapes like 4096x1024,64x32x32x64 (default: the full or quick set)")
   parser.add_argument("--dtypes", default=",".join(DTYPES))
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--prototypes", action="store_true",
+                      help="also run the alternative formulations in benchmarks/prototypes.py")
   return parser.parse_args(argv)
 
 
@@ -601,6 +614,9 @@ def main(argv: Sequence[str] | None = None,
          implementations: Sequence[Implementation] = IMPLEMENTATIONS) -> int:
   """Runs the benchmark; returns 0, or 1 if any implementation failed its correctness check."""
   args = parse_args(argv)
+  if args.prototypes:
+    from benchmarks import prototypes  # pylint: disable=g-import-not-at-top
+    implementations = tuple(implementations) + prototypes.IMPLEMENTATIONS
   if args.only:
     wanted = set(args.only.split(",")) | {BASELINE, FLOOR}
     unknown = wanted - {impl.name for impl in implementations}
@@ -609,6 +625,8 @@ def main(argv: Sequence[str] | None = None,
                        f"{[impl.name for impl in implementations]}")
     implementations = [impl for impl in implementations if impl.name in wanted]
   shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+  if args.shapes:
+    shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")]
   rounds = args.rounds or (3 if args.quick else 31)
   warmup = 1 if args.quick else 3
   info = _harness.machine_info()

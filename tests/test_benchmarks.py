@@ -3,6 +3,7 @@
 Nothing here asserts anything about speed: --quick exists to prove that every implementation runs and agrees
 with the float64 reference, and that a disagreement fails the run.
 """
+import dataclasses
 import json
 
 import jax
@@ -185,3 +186,48 @@ def test_train_check_fails_a_wrong_layer():
   assert checks == {train.BASELINE: "pass", "wrong": "FAIL"}, [row["error"] for row in rows]
   wrong = next(row for row in rows if row["implementation"] == "wrong")
   assert wrong["worst_leaf"].startswith("[0]")   # caught in the updated state (gradients), not the loss
+
+
+def test_hlo_anatomy_counts_passes_and_temporaries():
+  from benchmarks import hlo  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for mode in ops.MODES:
+    case = ops.Case((64, 32), "float32", mode)
+    data = ops.make_case_data(case)
+    for impl in ops.IMPLEMENTATIONS:
+      if impl.name in (ops.FLOOR, "jnp+autodiff"):
+        prepared = impl.build(case, data)
+        text = prepared.jitted.lower(*prepared.args).compile().as_text()
+        counts[impl.name, mode] = hlo.anatomy(text, data.x.size, data.x.dtype.itemsize)
+  assert counts[ops.FLOOR, "fwd"].passes == 2 and counts[ops.FLOOR, "fwd_bwd"].passes == 5
+  assert not counts[ops.FLOOR, "fwd_bwd"].temporaries
+  # The hand-written two-pass forward reads x for each reduction and for y: more than the floor.
+  assert counts["jnp+autodiff", "fwd"].passes > 2
+  assert counts["jnp+autodiff", "fwd_bwd"].passes > 5
+
+
+def test_prototypes_pass_the_check_and_the_guard_keeps_the_variance_exact():
+  from benchmarks import prototypes  # pylint: disable=g-import-not-at-top
+  for mode in ops.MODES:
+    rows = ops.run_case(ops.Case((32, 16), "float32", mode), prototypes.IMPLEMENTATIONS, rounds=1, warmup=0)
+    assert [row.check for row in rows] == ["pass"] * len(prototypes.IMPLEMENTATIONS)
+  x = 1e4 + np.random.default_rng(0).standard_normal((2048, 4)).astype(np.float32)  # one pass loses all bits
+  want = np.var(x.astype(np.float64), axis=0)
+  for shift in (None, jnp.zeros(4)):
+    _, var = jax.jit(prototypes._guarded_one_pass_stats)(jnp.asarray(x), shift)  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(var), want, rtol=1e-5)
+
+
+def test_combine_takes_medians_over_runs(tmp_path):
+  from benchmarks import combine  # pylint: disable=g-import-not-at-top
+
+  def run(ms, ratio):
+    row = dataclasses.asdict(ops.Row(case="fwd float32 8x4", mode="fwd", dtype="float32", shape=[8, 4],
+                                     implementation="bnjax", family="jax", note="", median_ms=ms, x_flax=ratio,
+                                     rounds=3, check="pass", max_errors={"y": 1e-7}))
+    return {"all_checks_passed": True, "rows": [row]}
+
+  (row,) = combine.combine([run(1.0, 0.5), run(9.0, 0.9), run(2.0, 0.6)])
+  assert (row.median_ms, row.x_flax, row.rounds) == (2.0, 0.6, 9)
+  with pytest.raises(ValueError, match="failed"):
+    combine.combine([{**run(1.0, 0.5), "all_checks_passed": False}])

@@ -1,0 +1,70 @@
+"""Combines repeated runs of `benchmarks.ops` into medians of ratios, for a machine shared with other work.
+
+  python -m benchmarks.combine benchmarks/out/ops_run1 benchmarks/out/ops_run2 ... [--out DIR]
+
+Each run's ratio is already the median over its rounds of per-round ratios; this takes, per case and
+implementation, the median over runs of those ratios and of the median times, and judges the targets on them.
+A run whose correctness checks failed is refused.
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks import _harness
+from benchmarks import ops
+
+_COLUMNS = ("median_ms", "x_flax", "x_torch_best", "x_floor", "faults_per_call")
+
+
+def _median(values):
+  values = [v for v in values if v is not None]
+  return statistics.median(values) if values else None
+
+
+def combine(runs: Sequence[dict[str, Any]]) -> list[ops.Row]:
+  """One Row per (case, implementation): the median over runs of each timing column."""
+  grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for run in runs:
+    if not run["all_checks_passed"]:
+      raise ValueError("combine: a run whose correctness checks failed cannot be combined; rerun it")
+    for row in run["rows"]:
+      grouped.setdefault((row["case"], row["implementation"]), []).append(row)
+  combined = []
+  for rows in grouped.values():
+    row = ops.Row(**{**rows[0], "max_errors": dict(rows[0]["max_errors"])})
+    for column in _COLUMNS:
+      setattr(row, column, _median([r[column] for r in rows]))
+    row.p25_ms = row.p75_ms = None    # quantiles do not combine; the per-run files keep them
+    row.rounds = sum(r["rounds"] for r in rows)
+    row.max_errors = {k: max(r["max_errors"].get(k, 0.0) for r in rows) for k in row.max_errors}
+    combined.append(row)
+  return combined
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.combine", description=__doc__.split("\n")[0])
+  parser.add_argument("runs", nargs="+", help="directories holding a results.json of benchmarks.ops")
+  parser.add_argument("--out", default=None, help="write the combined results.json / results.md here")
+  args = parser.parse_args(argv)
+  runs = [json.loads((pathlib.Path(d) / "results.json").read_text()) for d in args.runs]
+  rows = combine(runs)
+  verdicts = ops.targets(rows)
+  info = dict(runs[0]["machine"])
+  info["command"] = " ".join(["python -m benchmarks.combine"] + list(args.runs))
+  info["load_average"] = max((run["machine"]["load_average"] for run in runs), key=lambda la: la[0])
+  markdown = (f"Medians over {len(runs)} runs (each a median of {runs[0]['rounds']} interleaved rounds).\n"
+              + ops.render(rows, verdicts, info))
+  print(markdown)
+  if args.out:
+    _harness.write_results(args.out, {"benchmark": "ops (combined)", "runs": list(args.runs), "machine": info,
+                                      "rows": [r.__dict__ for r in rows], "targets": verdicts,
+                                      "all_checks_passed": True}, markdown)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,143 @@
+"""Alternative formulations of training-mode batch norm, to measure suggestions for the core's formulation.
+
+These are benchmark scratch code, not library code: feature-last input, no mask, no axis_name, reverse mode
+only (a `custom_vjp`; the core's `custom_jvp` also serves forward mode). They plug into the op benchmark and
+the HLO anatomy as extra implementations, so they are timed in the same interleaved rounds and checked against
+the same float64 reference as everything else:
+
+  python -m benchmarks.ops --prototypes --only "bnjax,proto: guarded one-pass vjp" --dtypes float32
+  python -m benchmarks.hlo --prototypes --only "bnjax,proto: guarded one-pass vjp"
+
+All share one closed-form backward, in which every full-size kernel is a plain affine map of its inputs:
+
+  forward   y  = a * x + b,                       a = scale * inv_std,  b = bias - mean * a
+  backward  dx = a * g + c * x + d,               c = -a * inv_std^2 * sum(g (x - mean)) / m,
+                                                  d = -a * sum(g) / m - c * mean
+            dscale = inv_std * sum(g (x - mean)),  dbias = sum(g)
+
+and differ in the forward statistics:
+
+`proto: two-pass vjp`: the core's numerics: mean = sum(x) / m, then var = sum((x - mean)^2) / m.
+
+`proto: guarded one-pass vjp`: Flax's one-pass sums S1 = sum(x), S2 = sum(x^2), two independent plain
+reductions, and var = S2 / m - (S1 / m)^2. That loses the variance's bits when mean^2 dwarfs var
+(x = 1e4 + N(0, 1)), so a `lax.cond` on one scalar, "mean^2 > 2^8 var for some feature", recomputes the
+variance exactly with a second pass around the mean; otherwise float32 keeps at least ~16 bits of the
+variance. Under `vmap` the cond becomes a select and both branches run (three passes).
+
+`proto: shifted guarded one-pass vjp`: as above with both sums taken around a shift K, the running mean
+(`stop_gradient`, known before x is read): S1 = sum(x - K), S2 = sum((x - K)^2), mean = K + S1 / m,
+var = S2 / m - (S1 / m)^2. It needs the fallback less often, but its reductions carry a broadcast operand.
+"""
+import jax
+import jax.numpy as jnp
+
+from benchmarks import _reference
+from benchmarks import ops
+
+# Recompute the variance exactly when (mean - K)^2 exceeds this multiple of it: float32 then keeps at least
+# 24 - log2(1 + 2^8) ~ 16 bits of the variance.
+_SHIFT_TOLERANCE = 2.0 ** 8
+
+
+def _feature_sums(*arrays):
+  """Per-feature sums over every axis but the last."""
+  return tuple(jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays)
+
+
+def _two_pass_stats(x32, shift):
+  del shift
+  (total,) = _feature_sums(x32)
+  count = x32.size // x32.shape[-1]
+  mean = total / count
+  # The barrier keeps the division out of the next reduction's fusion (XLA:CPU would otherwise write x - mean).
+  centered = x32 - jax.lax.optimization_barrier(mean)
+  (m2,) = _feature_sums(centered * centered)
+  return mean, m2 / count
+
+
+def _guarded_one_pass_stats(x32, shift):
+  """Mean and variance from sum(x - K), sum((x - K)^2) (K = 0 when shift is None); an exact second pass
+  only if that lost bits."""
+  count = x32.size // x32.shape[-1]
+  if shift is None:
+    s1, s2 = _feature_sums(x32, x32 * x32)
+    shift = 0.0
+  else:
+    # Two spellings of x - K (one through a barrier) so that XLA does not share one full-size x - K between
+    # the two reductions as a temporary, but fuses the subtraction into each.
+    s1, s2 = _feature_sums(x32 - shift, jnp.square(x32 - jax.lax.optimization_barrier(shift)))
+  offset = s1 / count
+  mean = shift + offset
+  var = jnp.maximum(s2 / count - offset * offset, 0.0)
+
+  def exact(_):
+    deviation = x32 - jax.lax.optimization_barrier(mean)
+    (m2,) = _feature_sums(deviation * deviation)
+    return m2 / count
+
+  lost_bits = jnp.any(offset * offset > _SHIFT_TOLERANCE * var)
+  return mean, jax.lax.cond(lost_bits, exact, lambda _: var, None)
+
+
+def _unshifted_guarded_stats(x32, shift):
+  del shift
+  return _guarded_one_pass_stats(x32, None)
+
+
+def _make_batch_norm(stats_fn, epsilon):
+  """A custom_vjp batch norm over the last axis: (x, scale, bias, shift) -> (y, mean, var)."""
+
+  def forward(x, scale, bias, shift):
+    x32 = x.astype(jnp.float32)
+    mean, var = stats_fn(x32, shift)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    a = scale * inv_std
+    y = (x32 * a + (bias - mean * a)).astype(x.dtype)
+    return (y, mean, var), (x, mean, inv_std, scale)
+
+  @jax.custom_vjp
+  def batch_norm(x, scale, bias, shift):
+    return forward(x, scale, bias, shift)[0]
+
+  def backward(residuals, cotangents):
+    x, mean, inv_std, scale = residuals
+    g = cotangents[0].astype(jnp.float32)  # the statistics' own outputs only feed the running averages
+    x32 = x.astype(jnp.float32)
+    count = x.size // x.shape[-1]
+    sum_g, sum_g_centered = _feature_sums(g, g * (x32 - mean))
+    a = scale * inv_std
+    c = -a * inv_std * inv_std * sum_g_centered / count
+    d = -a * sum_g / count - c * mean
+    dx = (g * a + x32 * c + d).astype(x.dtype)
+    return dx, inv_std * sum_g_centered, sum_g, jnp.zeros_like(mean)
+
+  batch_norm.defvjp(forward, backward)
+  return batch_norm
+
+
+def _build(stats_fn):
+  def build(case, data):
+    batch_norm = _make_batch_norm(stats_fn, data.epsilon)
+    x, g = jnp.asarray(data.x), jnp.asarray(data.cotangent)
+    params = (jnp.asarray(data.scale), jnp.asarray(data.bias))
+    state = (jnp.asarray(data.mean0), jnp.asarray(data.var0))
+
+    def forward(x, params, state):
+      running_mean, running_var = state
+      y, mean, var = batch_norm(x, *params, jax.lax.stop_gradient(running_mean))
+      mean, var = jax.lax.stop_gradient((mean, var))
+      return y, (data.decay * running_mean + (1 - data.decay) * mean,
+                 data.decay * running_var + (1 - data.decay) * var)
+
+    return ops._jax_prepared(  # pylint: disable=protected-access
+        case, forward, x, params, state, g, running=lambda s: s, param_grads=lambda p: p,
+        rule=_reference.ema_rule(data.mean0, data.var0, data.decay), note="prototype")
+  return build
+
+
+IMPLEMENTATIONS = (
+    ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
+    ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
+    ops.Implementation("proto: shifted guarded one-pass vjp", _build(_guarded_one_pass_stats)),
+)
