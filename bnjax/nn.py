@@ -1,0 +1,530 @@
+"""Flax linen layers on the bnjax core: a drop-in `BatchNorm` and an `MLP`.
+
+`BatchNorm` owns the variables and the arguments of `flax.linen.BatchNorm` (same names, shapes, dtypes and
+defaults), and hands the statistics and the normalization to `bnjax.batch_norm`, so swapping
+
+    from flax.linen import BatchNorm      ->      from bnjax.nn import BatchNorm
+
+changes nothing else in a model: checkpoints load both ways. `MLP` stacks `Dense` layers with batch
+normalization before the activation (Ioffe & Szegedy, 2015), after it, or not at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen
+from flax.linen import dtypes as linen_dtypes
+from flax.linen import initializers
+
+import bnjax
+
+__all__ = ["BatchNorm", "MLP", "keras_article_model"]
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+_NORM_PLACEMENTS = (None, "pre", "post")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Argument checks and conversions shared with bnjax.nnx.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _check_axis_spec(axis: Any, arg: str = "axis") -> None:
+  """Checks that `axis` is an int or a non-empty sequence of distinct ints (ranks are checked at call)."""
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
+  if isinstance(axis, bool) or not isinstance(axes, Sequence) or not axes:
+    raise TypeError(f"{arg} must be an int or a non-empty sequence of ints, got {axis!r}")
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+      raise TypeError(f"{arg} must be an int or a non-empty sequence of ints, got {axis!r}")
+  if len(set(int(a) for a in axes)) != len(axes):
+    raise ValueError(f"{arg} must not repeat an axis, got {axis!r}")
+
+
+def _feature_axes(ndim: int, axis: Any, arg: str = "axis") -> tuple[int, ...]:
+  """The feature axes of a rank-`ndim` input as sorted non-negative ints (the order flax uses).
+
+  Negative axes count from the end; two spellings of one axis (e.g. -1 and ndim - 1) are an error.
+  """
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  canonical = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+        f"{arg}={axis!r} is out of range for an input of rank {ndim}: expected axes in [{-ndim}, {ndim})"
+      )
+    canonical.append(int(a) % ndim)
+  if len(set(canonical)) != len(canonical):
+    raise ValueError(f"{arg}={axis!r} names the same axis twice for an input of rank {ndim}")
+  if len(canonical) == ndim:
+    raise ValueError(
+      f"{arg}={axis!r} makes every axis of the rank-{ndim} input a feature axis: batch normalization "
+      "needs at least one axis to reduce over"
+    )
+  return tuple(sorted(canonical))
+
+
+def _check_momentum(momentum: Any) -> None:
+  if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
+    raise TypeError(f"momentum must be a float in [0, 1], got {momentum!r}")
+  if not 0.0 <= momentum <= 1.0:
+    raise ValueError(f"momentum must be in [0, 1] (the weight of the old running value), got {momentum!r}")
+
+
+def _check_epsilon(epsilon: Any) -> None:
+  if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating, np.integer)):
+    raise TypeError(f"epsilon must be a positive float, got {epsilon!r}")
+  if not epsilon > 0.0:
+    raise ValueError(f"epsilon must be > 0 (it keeps 1 / sqrt(var + epsilon) finite), got {epsilon!r}")
+
+
+def _check_optional_bool(value: Any, arg: str) -> None:
+  if value is not None and not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{arg} must be True, False or None, got {value!r}")
+
+
+def _check_bool(value: Any, arg: str) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{arg} must be True or False, got {value!r}")
+
+
+def _check_virtual_batch_size(virtual_batch_size: Any) -> None:
+  if virtual_batch_size is None:
+    return
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, (int, np.integer)):
+    raise TypeError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+  if virtual_batch_size < 1:
+    raise ValueError(f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+
+
+def _check_running(running: Any) -> None:
+  if running not in bnjax.RUNNING_RULES:
+    raise ValueError(f"running must be one of {bnjax.RUNNING_RULES}, got {running!r}")
+
+
+def _check_axis_name(axis_name: Any, axis_index_groups: Any) -> None:
+  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+    raise TypeError(f"axis_name must be a str (or a tuple of str) or None, got {axis_name!r}")
+  if axis_index_groups is not None and axis_name is None:
+    raise ValueError(
+      f"axis_index_groups={axis_index_groups!r} needs an axis_name: groups are subsets of the devices of a "
+      "named mapped axis"
+    )
+
+
+def _check_common(
+  *,
+  axis: Any,
+  momentum: Any,
+  epsilon: Any,
+  use_bias: Any,
+  use_scale: Any,
+  axis_name: Any,
+  axis_index_groups: Any,
+  use_fast_variance: Any,
+  virtual_batch_size: Any,
+  unbiased_running_var: Any,
+  running: Any,
+) -> None:
+  """The constructor checks common to the linen and nnx layers."""
+  _check_axis_spec(axis)
+  _check_momentum(momentum)
+  _check_epsilon(epsilon)
+  _check_bool(use_bias, "use_bias")
+  _check_bool(use_scale, "use_scale")
+  _check_axis_name(axis_name, axis_index_groups)
+  _check_bool(use_fast_variance, "use_fast_variance")
+  _check_virtual_batch_size(virtual_batch_size)
+  _check_bool(unbiased_running_var, "unbiased_running_var")
+  _check_running(running)
+
+
+def _core_mask(mask: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> Array | None:
+  """Converts a flax-style mask into the core's form: x's rank with size-1 feature axes.
+
+  Accepted masks:
+    * the core's form, x's shape without the feature axes (rank `x.ndim - len(feature_axes)`);
+    * flax's form, any boolean array broadcastable to x's shape (rank at most `x.ndim`). bnjax selects
+      whole rows of the batch, so a mask that spans the feature axes must be the same for every feature;
+      this is checked when the mask is a concrete array, and under `jit` the mask of the first feature
+      is the one used.
+  """
+  if mask is None:
+    return None
+  # A concrete mask is checked and reshaped in numpy, so that the check also runs while tracing a jit.
+  mask = mask if isinstance(mask, jax.core.Tracer) else np.asarray(mask)
+  if mask.dtype != np.bool_:
+    raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+  ndim = len(x_shape)
+  batch_only = tuple(d for i, d in enumerate(x_shape) if i not in feature_axes)
+  kept_shape = tuple(1 if i in feature_axes else d for i, d in enumerate(x_shape))
+  if mask.ndim == len(batch_only) and mask.ndim < ndim:
+    if mask.shape != batch_only:
+      raise ValueError(
+        f"mask has shape {mask.shape}; expected the input's shape without its feature axes {batch_only}, "
+        f"or a shape broadcastable to the input's shape {x_shape}"
+      )
+    return jnp.asarray(mask).reshape(kept_shape)
+  if mask.ndim > ndim or any(m not in (1, d) for m, d in zip(mask.shape[::-1], x_shape[::-1])):
+    raise ValueError(
+      f"mask has shape {mask.shape}; expected a shape broadcastable to the input's shape {x_shape}, or the "
+      f"input's shape without its feature axes {batch_only}"
+    )
+  mask = mask.reshape((1,) * (ndim - mask.ndim) + mask.shape)
+  spans_features = tuple(a for a in feature_axes if mask.shape[a] != 1)
+  if spans_features:
+    first_feature = tuple(slice(0, 1) if a in spans_features else slice(None) for a in range(ndim))
+    if isinstance(mask, np.ndarray):
+      if not np.array_equal(np.broadcast_to(mask[first_feature], mask.shape), mask):
+        raise ValueError(
+          "mask differs between features; bnjax masks whole rows of the batch, so a mask spanning the "
+          f"feature axes {feature_axes} must be constant along them (got shape {mask.shape})"
+        )
+    mask = mask[first_feature]
+  return jnp.broadcast_to(mask, kept_shape)
+
+
+# ------------------------------------------------------------------------------------------------------
+# BatchNorm
+# ------------------------------------------------------------------------------------------------------
+
+
+class BatchNorm(linen.Module):
+  r"""Batch normalization (Ioffe & Szegedy, 2015), a drop-in for `flax.linen.BatchNorm`.
+
+  For an input `x` with feature axes `axis` (every other axis is a batch axis that is reduced), training
+  mode computes per feature
+
+      mu = mean_B(x),   sigma^2 = mean_B((x - mu)^2),   y = scale * (x - mu) / sqrt(sigma^2 + epsilon) + bias
+
+  and moves the running statistics as `running = momentum * running + (1 - momentum) * batch`. Evaluation
+  mode (`use_running_average=True`) normalizes with the running `mean` and `var` instead. The statistics
+  and the normalization are `bnjax.batch_norm`'s (float32 moments whatever the input dtype, the closed-form
+  backward pass); this module only owns the variables:
+
+    * `params/scale`, `params/bias`: `param_dtype`, shape `feature_shape = [x.shape[a] for a in
+      sorted(axis)]` (absent when `use_scale` / `use_bias` is False);
+    * `batch_stats/mean` (zeros), `batch_stats/var` (ones): float32 (`param_dtype` when
+      `force_float32_reductions=False`), shape `feature_shape`;
+
+  exactly flax's names, shapes and dtypes, so variables trained with either class apply in the other.
+  Like flax, the running statistics are not updated while `init` runs (`self.is_initializing()`), and the
+  batch statistics are not synchronised across `axis_name` then, so `init` works outside the mapped axis.
+
+  Differences from flax, all on purpose:
+    * the variance is always the stable two-pass variance `mean((x - mu)^2)`; `use_fast_variance` is
+      accepted for compatibility and ignored (flax's default `E[x^2] - E[x]^2` loses precision when the
+      mean is large against the spread). Outputs match `flax.linen.BatchNorm(use_fast_variance=False)`.
+    * moments are always accumulated in float32; `force_float32_reductions=False` only keeps flax's
+      storage dtype (`param_dtype`) for the running statistics.
+    * a `mask` selects whole rows of the batch: it has x's shape without the feature axes (bnjax's form),
+      or, as in flax, a shape broadcastable to x's shape that is constant along the feature axes.
+    * keyword-only extras (their defaults keep flax's behaviour): `virtual_batch_size` (ghost batch norm:
+      the batch axis is split into groups of that size, each normalized with its own statistics),
+      `unbiased_running_var` (store `m / (m - 1) * var` in the running variance, as the paper's
+      Algorithm 2 and PyTorch do) and `running` (`"ema"`; `"ema_debiased"` or `"cumulative"` add an
+      int32 `batch_stats/count` variable, see `bnjax.batch_norm`).
+    * `epsilon` must be > 0.
+
+  Attributes:
+    use_running_average: if True, normalize with the stored running statistics instead of the batch's;
+      given here or at call (exactly one of the two, as `flax.linen.merge_param` requires).
+    axis: the feature axis or axes (int or sequence of ints, negative allowed), e.g. -1 for NHWC, 1 for
+      NCHW.
+    momentum: decay of the exponential moving average of the batch statistics (bnjax's `decay`).
+    epsilon: added to the variance inside the square root.
+    dtype: the output dtype; default: promoted from the input and the parameters (flax's rule).
+    param_dtype: the dtype of `scale` and `bias`.
+    use_bias: add the learned `bias` (beta).
+    use_scale: multiply by the learned `scale` (gamma).
+    bias_init: initializer of `bias` (zeros).
+    scale_init: initializer of `scale` (ones).
+    axis_name: the mapped axis (pmap, shard_map, vmap) over which the batch statistics are synchronised;
+      not needed under a sharded `jit`, where the batch is already global.
+    axis_index_groups: subsets of the devices of `axis_name` that are synchronised separately.
+    use_fast_variance: accepted for compatibility with flax; bnjax always uses the stable variance.
+    force_float32_reductions: accepted for compatibility with flax; bnjax always reduces in float32, and
+      False stores the running statistics in `param_dtype` as flax does.
+    virtual_batch_size: keyword-only; ghost batch size, or None for the whole batch.
+    unbiased_running_var: keyword-only; store the unbiased batch variance in the running variance.
+    running: keyword-only; the running-statistics rule, one of `bnjax.RUNNING_RULES`.
+
+  Reference: S. Ioffe, C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+  Internal Covariate Shift", ICML 2015, Algorithms 1 and 2.
+  """
+
+  use_running_average: bool | None = None
+  axis: int | Sequence[int] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  _: dataclasses.KW_ONLY
+  virtual_batch_size: int | None = None
+  unbiased_running_var: bool = False
+  running: str = "ema"
+
+  def __post_init__(self):
+    _check_optional_bool(self.use_running_average, "use_running_average")
+    _check_common(
+      axis=self.axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      use_bias=self.use_bias,
+      use_scale=self.use_scale,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      use_fast_variance=self.use_fast_variance,
+      virtual_batch_size=self.virtual_batch_size,
+      unbiased_running_var=self.unbiased_running_var,
+      running=self.running,
+    )
+    _check_bool(self.force_float32_reductions, "force_float32_reductions")
+    super().__post_init__()
+
+  @linen.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
+    """Normalizes `x` with the batch's statistics (training) or the running ones (evaluation).
+
+    Args:
+      x: the input, any rank above the number of feature axes; a floating dtype.
+      use_running_average: if True, use the running statistics; exactly one of this and the attribute of
+        the same name must be given.
+      mask: boolean, True for the rows that count in the statistics (see the class docstring for shapes);
+        only used in training mode.
+
+    Returns:
+      The normalized input, x's shape, dtype `self.dtype` or promoted from x and the parameters.
+    """
+    use_running_average = linen.module.merge_param(
+      "use_running_average", self.use_running_average, use_running_average
+    )
+    _check_optional_bool(use_running_average, "use_running_average")
+    x = jnp.asarray(x)
+    feature_axes = _feature_axes(x.ndim, self.axis)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
+    # Only the non-default running rules need a batch counter: the default layout stays flax's.
+    ra_count = (
+      self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32)) if self.running != "ema" else None
+    )
+    scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+
+    # Flax's output dtype; computing in the wider of it and x's dtype keeps bfloat16 inputs with float32
+    # parameters as exact as flax, which normalizes in float32 before the final cast.
+    out_dtype = linen_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    compute_dtype = jnp.promote_types(x.dtype, out_dtype)
+    stats = bnjax.BatchStats(
+      mean=jnp.asarray(ra_mean.value, jnp.float32),
+      var=jnp.asarray(ra_var.value, jnp.float32),
+      count=None if ra_count is None else ra_count.value,
+    )
+    train = not use_running_average
+    initializing = self.is_initializing()
+    if not train:
+      axis_name = None
+    elif initializing:
+      # Flax does not synchronise during init, so `init` may run outside the mapped axis; `()` tells the
+      # core that per-device statistics are intended, also inside a shard_map.
+      axis_name = ()
+    else:
+      axis_name = self.axis_name
+    y, new_stats = bnjax.batch_norm(
+      x.astype(compute_dtype),
+      bnjax.BatchNormParams(scale=scale, bias=bias),
+      stats,
+      train=train,
+      axis=feature_axes,
+      decay=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=axis_name,
+      axis_index_groups=self.axis_index_groups if axis_name else None,
+      mask=_core_mask(mask, x.shape, feature_axes) if train else None,
+      virtual_batch_size=self.virtual_batch_size if train else None,
+      unbiased_running_var=self.unbiased_running_var,
+      running=self.running,
+    )
+    if train and not initializing:
+      ra_mean.value = new_stats.mean.astype(stats_dtype)
+      ra_var.value = new_stats.var.astype(stats_dtype)
+      if ra_count is not None:
+        ra_count.value = new_stats.count
+    return y.astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# MLP
+# ------------------------------------------------------------------------------------------------------
+
+
+class MLP(linen.Module):
+  r"""A multilayer perceptron with optional batch normalization before or after each hidden activation.
+
+  `features = (h_0, ..., h_{L-1}, out)`: hidden layer `i` computes, for the placement `norm`,
+
+      None:   a_i = act(Dense_i(a_{i-1}))
+      "pre":  a_i = act(BatchNorm_i(Dense_i(a_{i-1})))    Dense_i has no bias: BN's bias replaces it
+      "post": a_i = BatchNorm_i(act(Dense_i(a_{i-1})))
+
+  ("pre" is the paper's placement, BN(Wu) in Section 3.2), and the last layer gives the logits
+  `Dense_L(a_{L-1})`, passed through `output_activation` when one is given. Only the hidden layers listed
+  in `norm_layers` (default: all) get a BatchNorm; the others are plain `act(Dense_i(.))` with a bias.
+
+  Submodules are named by layer index: `Dense_0` ... `Dense_L` and `BatchNorm_i` for each normalized hidden
+  layer `i` (so with `norm_layers=(1,)` the only one is `BatchNorm_1`). The input of each hidden
+  activation is sown as `intermediates/preact_{i}` (read it with `mutable=["intermediates"]`; flax's `sow`
+  stores a one-element tuple), e.g. to follow the distribution of a sigmoid's input over training.
+  Inputs of any shape `(N, ...)` are flattened to `(N, -1)`.
+
+  Attributes:
+    features: hidden sizes followed by the output size (at least one entry).
+    activation: the hidden activation.
+    norm: None, "pre" or "post".
+    norm_layers: indices of the hidden layers that get a BatchNorm (negative ones count from the last
+      hidden layer); None means all hidden layers.
+    momentum, epsilon, axis_name: passed to each `bnjax.nn.BatchNorm`.
+    kernel_init: the Dense kernels' initializer (flax's default, LeCun normal).
+    dtype: the computation dtype of the Dense and BatchNorm layers (None: inferred, as in flax).
+    output_activation: applied to the logits when given.
+
+  Reference: S. Ioffe, C. Szegedy, "Batch Normalization", ICML 2015, Section 3.2.
+  """
+
+  features: Sequence[int]
+  activation: Callable[[Array], Array] = linen.relu
+  norm: str | None = None
+  norm_layers: Sequence[int] | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  kernel_init: Initializer = linen.linear.default_kernel_init
+  dtype: Dtype | None = None
+  output_activation: Callable[[Array], Array] | None = None
+
+  def __post_init__(self):
+    features = self.features
+    if isinstance(features, (int, np.integer)) or not isinstance(features, Sequence) or not features:
+      raise TypeError(f"features must be a non-empty sequence of positive ints, got {features!r}")
+    for f in features:
+      if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
+        raise ValueError(f"features must be a non-empty sequence of positive ints, got {features!r}")
+    if self.norm not in _NORM_PLACEMENTS:
+      raise ValueError(f"norm must be one of None, 'pre', 'post', got {self.norm!r}")
+    self._normalized_layers()  # validates norm_layers
+    if not callable(self.activation):
+      raise TypeError(f"activation must be callable, got {self.activation!r}")
+    if self.output_activation is not None and not callable(self.output_activation):
+      raise TypeError(f"output_activation must be callable or None, got {self.output_activation!r}")
+    _check_momentum(self.momentum)
+    _check_epsilon(self.epsilon)
+    _check_axis_name(self.axis_name, None)
+    super().__post_init__()
+
+  def _normalized_layers(self) -> frozenset[int]:
+    """The indices of the hidden layers that get a BatchNorm."""
+    num_hidden = len(self.features) - 1
+    if self.norm_layers is None:
+      return frozenset(range(num_hidden)) if self.norm is not None else frozenset()
+    layers = self.norm_layers
+    if isinstance(layers, (int, np.integer)) or not isinstance(layers, Sequence):
+      raise TypeError(f"norm_layers must be a sequence of hidden-layer indices or None, got {layers!r}")
+    if self.norm is None and len(layers):
+      raise ValueError(f"norm_layers={layers!r} needs norm='pre' or 'post', got norm=None")
+    indices = set()
+    for i in layers:
+      if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"norm_layers must hold ints, got {layers!r}")
+      if not -num_hidden <= i < num_hidden:
+        raise ValueError(
+          f"norm_layers={layers!r} has index {i}, out of range for {num_hidden} hidden layers "
+          f"(features={tuple(self.features)!r}; the last entry is the output layer, which is never normalized)"
+        )
+      indices.add(int(i) % num_hidden)
+    return frozenset(indices)
+
+  @linen.compact
+  def __call__(self, x, *, train: bool):
+    """Applies the network.
+
+    Args:
+      x: inputs of shape `(N, ...)`, flattened to `(N, -1)`.
+      train: True normalizes with batch statistics and updates `batch_stats` (apply with
+        `mutable=["batch_stats"]`); False uses the running statistics.
+
+    Returns:
+      `(N, features[-1])` logits (after `output_activation` when given).
+    """
+    if not isinstance(train, (bool, np.bool_)):
+      raise TypeError(f"train must be True or False, got {train!r}")
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+      raise ValueError(f"x must have a batch axis, got a scalar of shape {x.shape}")
+    x = x.reshape((x.shape[0], -1))
+    normalized = self._normalized_layers()
+    for i, width in enumerate(self.features[:-1]):
+      has_norm = i in normalized
+      dense_bias = not (has_norm and self.norm == "pre")
+      x = linen.Dense(
+        width, use_bias=dense_bias, kernel_init=self.kernel_init, dtype=self.dtype, name=f"Dense_{i}"
+      )(x)
+      if has_norm and self.norm == "pre":
+        x = self._batch_norm(i, train)(x)
+      self.sow("intermediates", f"preact_{i}", x)
+      x = self.activation(x)
+      if has_norm and self.norm == "post":
+        x = self._batch_norm(i, train)(x)
+    last = len(self.features) - 1
+    x = linen.Dense(self.features[-1], kernel_init=self.kernel_init, dtype=self.dtype, name=f"Dense_{last}")(x)
+    if self.output_activation is not None:
+      x = self.output_activation(x)
+    return x
+
+  def _batch_norm(self, i: int, train: bool) -> BatchNorm:
+    return BatchNorm(
+      use_running_average=not train,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      dtype=self.dtype,
+      name=f"BatchNorm_{i}",
+    )
+
+
+def keras_article_model(batch_norm: bool = True, *, momentum: float = 0.99, epsilon: float = 1e-3) -> MLP:
+  """The Keras model of the batch-normalization article, as an `MLP` over 5 input features.
+
+  Keras original (two classes, softmax output):
+
+      Dense(16, activation='relu') -> Dense(32, activation='relu') -> BatchNormalization -> Dense(2, 'softmax')
+
+  Here the last layer gives logits (the loss applies the softmax), i.e. `MLP((16, 32, 2), relu,
+  norm="post", norm_layers=(1,))`: `Dense_0 (5->16)`, `Dense_1 (16->32)`, `BatchNorm_1 (32)`, `Dense_2
+  (32->2)`, 770 parameters and 64 running statistics for 5 input features. The defaults are Keras's
+  `BatchNormalization` defaults (momentum 0.99, epsilon 1e-3). The article writes `input_shape=(1, 5)` with
+  `BatchNormalization(axis=1)`, which would normalize a size-1 axis; this model normalizes the 32 features
+  of the hidden layer, which is what the article describes. `batch_norm=False` drops the BatchNorm.
+  """
+  _check_bool(batch_norm, "batch_norm")
+  if batch_norm:
+    return MLP((16, 32, 2), activation=linen.relu, norm="post", norm_layers=(1,), momentum=momentum, epsilon=epsilon)
+  return MLP((16, 32, 2), activation=linen.relu, norm=None, momentum=momentum, epsilon=epsilon)

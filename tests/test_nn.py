@@ -1,0 +1,640 @@
+"""bnjax.nn: BatchNorm is a drop-in for flax.linen.BatchNorm; MLP and the article's Keras model."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bnjax
+import bnjax.nn as bnn
+
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+def _normal(shape, seed=0):
+  """Standard normal float32 test data. Data and references are numpy: eager jax ops compile per shape."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _numpy(tree):
+  return jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
+
+
+def _close(a, b, tol, what=""):
+  jax.tree.map(
+    lambda u, v: np.testing.assert_allclose(
+      np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol
+    ),
+    a,
+    b,
+  )
+
+
+def _same_layout(a, b):
+  """Same tree paths, shapes and dtypes: checkpoints of one load into the other."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert jax.tree.map(lambda v: (v.shape, v.dtype), a) == jax.tree.map(lambda v: (v.shape, v.dtype), b)
+
+
+def _net(bn_cls, **bn_kwargs):
+  """x -> BatchNorm -> elementwise weight: the BatchNorm class is the only difference between models."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      y = bn_cls(use_running_average=not train, **bn_kwargs)(x)
+      w = self.param("w", nn.initializers.normal(1.0), x.shape[1:], jnp.float32)
+      return y * w
+
+  return Net()
+
+
+# Small programs compile several times faster without XLA's expensive CPU passes; the numbers compared
+# below are the same to the tolerances used.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
+
+def _init(module, x, **kwargs):
+  """`module.init` as one compiled program (eager mode compiles every operation on its own)."""
+  return _jit(functools.partial(module.init, **kwargs))(jax.random.key(0), x)
+
+
+def _apply(module, variables, *args, **kwargs):
+  """`module.apply` as one compiled program; keyword arguments are fixed (static)."""
+  return _jit(functools.partial(module.apply, **kwargs))(variables, *args)
+
+
+def _train(net, other_net, xs, targets, lr=0.1):
+  """Init, SGD steps with `mutable=['batch_stats']`, then eval, as one compiled program.
+
+  Returns the init variables, per step (output, new batch_stats, grads of params, grad of x), the final
+  variables, the eval output on `xs[0]`, and the final variables applied by `net` and by `other_net`
+  (eval on `xs[1]`, one training step on `xs[2]`).
+  """
+
+  def loss(params, stats, x, t):
+    y, updates = net.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+    return jnp.mean((y.astype(jnp.float32) - t) ** 2), (y, updates["batch_stats"])
+
+  def step(carry, batch):
+    params, stats = carry
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)
+    (_, (y, stats)), (g_params, g_x) = grad_fn(params, stats, *batch)
+    params = jax.tree.map(lambda p, g: p - lr * g, params, g_params)
+    return (params, stats), (y, stats, g_params, g_x)
+
+  @_jit
+  def run(xs, targets):
+    variables = net.init(jax.random.key(0), xs[0], train=True)
+    (params, stats), history = jax.lax.scan(step, (variables["params"], variables["batch_stats"]), (xs, targets))
+    final = {"params": params, "batch_stats": stats}
+
+    def applied_by(module):
+      return (
+        module.apply(final, xs[1], train=False),
+        module.apply(final, xs[2], train=True, mutable=["batch_stats"]),
+      )
+
+    return variables, history, final, net.apply(final, xs[0], train=False), applied_by(net), applied_by(other_net)
+
+  return run(xs, targets)
+
+
+def _batches(shape, dtype, n=5, seed=0):
+  """`n` stacked input batches (mean 3, std 2, so that the statistics matter) and regression targets."""
+  return jnp.asarray(3.0 + 2.0 * _normal((n, *shape), seed), dtype), jnp.asarray(_normal((n, *shape), seed + 1))
+
+
+SHAPES_AXES = [
+  ((16, 6), -1),
+  ((8, 4, 5), -1),
+  ((4, 3, 5, 6), 1),  # NCHW
+  ((6, 4, 5), (1, 2)),
+  ((4, 5, 3, 2), (-1, 1)),
+]
+
+
+def _check_equivalent(shape, axis, x_dtype, tol, **bn_kwargs):
+  """Same model with flax's and bnjax's BatchNorm: same variables, trajectory, gradients and eval."""
+  xs, targets = _batches(shape, x_dtype)
+  flax_net = _net(nn.BatchNorm, axis=axis, momentum=0.9, use_fast_variance=False, **bn_kwargs)
+  ours_net = _net(bnn.BatchNorm, axis=axis, momentum=0.9, **bn_kwargs)
+  f_vars, f_hist, f_final, f_eval, f_by_flax, f_by_ours = _train(flax_net, ours_net, xs, targets)
+  o_vars, o_hist, o_final, o_eval, o_by_ours, o_by_flax = _train(ours_net, flax_net, xs, targets)
+
+  _same_layout(f_vars, o_vars)
+  _close(f_vars, o_vars, dict(rtol=0, atol=0), "init variables")
+  # The input gradient has x's dtype: in bfloat16 both round float32 values, to within one bfloat16 ulp.
+  grad_x_tol = tol if x_dtype == jnp.float32 else BF16_TOL
+  assert f_hist[0].dtype == o_hist[0].dtype and f_hist[3].dtype == o_hist[3].dtype
+  for i in range(len(xs)):
+    f, o = jax.tree.map(lambda h: h[i], (f_hist, o_hist))
+    _close(f[:3], o[:3], tol, f"training step {i}: (output, batch_stats, grad params)")
+    _close(f[3], o[3], grad_x_tol, f"training step {i}: grad x")
+  _close(f_final, o_final, tol, "final variables")
+  _close(f_eval, o_eval, tol, "eval output")
+  # Variables trained with one class apply in the other, both directions, in eval and in training.
+  _close(f_by_ours, f_by_flax, tol, "flax-trained variables applied by bnjax")
+  _close(o_by_flax, o_by_ours, tol, "bnjax-trained variables applied by flax")
+
+
+EQUIVALENCE_CASES = [(shape, axis, jnp.float32) for shape, axis in SHAPES_AXES] + [
+  (shape, axis, jnp.bfloat16) for shape, axis in SHAPES_AXES[2:]
+]
+
+
+@pytest.mark.parametrize(
+  "shape,axis,dtype", EQUIVALENCE_CASES, ids=[f"{s}-ax{a}-{jnp.dtype(d).name}" for s, a, d in EQUIVALENCE_CASES]
+)
+def test_matches_flax_over_training_steps(shape, axis, dtype):
+  # bfloat16 inputs with float32 parameters give float32 outputs (flax's promotion), computed from the
+  # same bfloat16 values, so float32 tolerances apply to both.
+  _check_equivalent(shape, axis, dtype, F32_TOL)
+
+
+@pytest.mark.parametrize("use_scale,use_bias", [(False, True), (True, False), (False, False)])
+def test_matches_flax_without_scale_or_bias(use_scale, use_bias):
+  _check_equivalent((8, 4, 5), -1, jnp.float32, F32_TOL, use_scale=use_scale, use_bias=use_bias)
+
+
+def test_matches_flax_in_bfloat16_compute():
+  # dtype=bfloat16 and bfloat16 parameters: the output is bfloat16, rounded once at the end by bnjax and
+  # after bfloat16 arithmetic by flax, so the two agree to bfloat16 precision.
+  _check_equivalent((16, 6), -1, jnp.bfloat16, BF16_TOL, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+  "x_dtype,kwargs",
+  [
+    (jnp.float32, {}),
+    (jnp.bfloat16, {}),
+    (jnp.float32, {"dtype": jnp.bfloat16}),
+    (jnp.bfloat16, {"dtype": jnp.float32}),
+    (jnp.bfloat16, {"param_dtype": jnp.bfloat16}),
+    (jnp.bfloat16, {"param_dtype": jnp.bfloat16, "force_float32_reductions": False}),
+    (jnp.float16, {"param_dtype": jnp.float16, "use_scale": False, "use_bias": False}),
+  ],
+)
+def test_dtypes_follow_flax(x_dtype, kwargs):
+  x = jnp.asarray(1.0 + _normal((16, 4), 1), x_dtype)
+  results = []
+  for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
+    layer = cls(**kwargs, **extra)
+
+    @_jit
+    def run(x):
+      variables = layer.init(jax.random.key(0), x, use_running_average=False)
+      y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+      return variables, y, updates, layer.apply({**variables, **updates}, x, use_running_average=True)
+
+    results.append(run(x))
+  (f_vars, f_y, f_upd, f_eval), (o_vars, o_y, o_upd, o_eval) = results
+  _same_layout(f_vars, o_vars)
+  _same_layout(f_upd, o_upd)
+  assert o_y.dtype == f_y.dtype and o_eval.dtype == f_eval.dtype
+  _close((f_y, f_upd, f_eval), (o_y, o_upd, o_eval), BF16_TOL)
+
+
+def test_use_running_average_at_construction_or_call():
+  x = _normal((8, 3), 0)
+  variables = {
+    "params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])},
+    "batch_stats": {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 1.0, 9.0])},
+  }
+  at_call = _apply(bnn.BatchNorm(), variables, x, use_running_average=True)
+  at_construction = _apply(bnn.BatchNorm(use_running_average=True), variables, x)
+  stats, params = variables["batch_stats"], variables["params"]
+  stats, params = _numpy((stats, params))
+  expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"] + params["bias"]
+  _close(at_call, expected, F32_TOL)
+  _close(at_construction, expected, F32_TOL)
+  with pytest.raises(ValueError, match="use_running_average"):
+    bnn.BatchNorm().apply(variables, x)
+  with pytest.raises(ValueError, match="use_running_average"):
+    bnn.BatchNorm(use_running_average=True).apply(variables, x, use_running_average=False)
+
+
+def test_init_does_not_update_running_statistics():
+  x = 10.0 + _normal((8, 3), 0)
+  layer = bnn.BatchNorm(use_running_average=False, momentum=0.0)
+  variables = _init(layer, x)
+  np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(3))
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
+  # The same apply outside init does update them (momentum 0: to the batch's statistics).
+  _, updates = _apply(layer, variables, x, mutable=["batch_stats"])
+  _close(updates["batch_stats"], {"mean": x.mean(0), "var": x.var(0)}, F32_TOL)
+
+
+def test_init_outside_the_mapped_axis():
+  # Like flax, init does not synchronise, so a layer with an axis_name initialises without the axis.
+  x = _normal((8, 3), 0)
+  layer = bnn.BatchNorm(use_running_average=False, axis_name="batch")
+  variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+  assert set(variables) == {"params", "batch_stats"}
+  with pytest.raises(NameError, match="batch"):
+    jax.eval_shape(functools.partial(layer.apply, mutable=["batch_stats"]), variables, x)
+
+
+def _apply_mutable(layer, variables, x):
+  y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+  return y, updates["batch_stats"]
+
+
+def _whole_batch(x, momentum):
+  layer = bnn.BatchNorm(use_running_average=False, momentum=momentum)
+  return _jit(lambda x: _apply_mutable(layer, layer.init(jax.random.key(0), x), x))(x)
+
+
+def test_axis_name_under_vmap_matches_flax_and_the_whole_batch():
+  x = 2.0 + _normal((4, 8, 6), 0)  # 4 mapped members of 8 rows
+  outputs = []
+  for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
+    layer = cls(use_running_average=False, axis_name="batch", momentum=0.5, **extra)
+
+    @_jit
+    def run(x):
+      variables = layer.init(jax.random.key(0), x[0])
+      mapped = jax.vmap(functools.partial(_apply_mutable, layer), in_axes=(None, 0), axis_name="batch")
+      return mapped(variables, x)
+
+    outputs.append(run(x))
+  _close(outputs[0], outputs[1], F32_TOL)
+  # Synchronised statistics are those of the concatenated batch, identical on every member.
+  y, stats = outputs[1]
+  y_whole, stats_whole = _whole_batch(x.reshape(32, 6), 0.5)
+  _close(y.reshape(32, 6), y_whole, F32_TOL)
+  for member in range(4):
+    _close(jax.tree.map(lambda s: s[member], stats), stats_whole, F32_TOL)
+
+
+def test_axis_name_under_shard_map_matches_flax_and_the_whole_batch():
+  mesh = jax.make_mesh((8,), ("data",))
+  x = 2.0 + _normal((32, 6), 0)
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+  outputs = []
+  for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
+    layer = cls(use_running_average=False, axis_name="data", momentum=0.5, **extra)
+    variables = {
+      "params": {"scale": np.full(6, 2.0, np.float32), "bias": np.full(6, 0.5, np.float32)},
+      "batch_stats": {"mean": np.full(6, 0.5, np.float32), "var": np.full(6, 2.0, np.float32)},
+    }
+    step = _jit(
+      jax.shard_map(
+        functools.partial(_apply_mutable, layer), mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())
+      )
+    )
+    outputs.append(jax.device_get(step(variables, x_sharded)))
+  _close(outputs[0], outputs[1], F32_TOL)
+  y, stats = outputs[1]
+  y_whole, batch_stats = _numpy(_whole_batch(x, 0.0))  # momentum 0: the running stats are the batch's
+  _close(y, 2.0 * y_whole + 0.5, F32_TOL)
+  _close(stats, {"mean": 0.25 + 0.5 * batch_stats["mean"], "var": 1.0 + 0.5 * batch_stats["var"]}, F32_TOL)
+
+
+def test_axis_index_groups_under_pmap_match_flax():
+  x = 2.0 + _normal((8, 4, 6), 0)
+  groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  outputs = []
+  for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
+    layer = cls(use_running_average=False, axis_name="d", axis_index_groups=groups, momentum=0.5, **extra)
+    variables = jax.eval_shape(layer.init, jax.random.key(0), x[0])
+    variables = jax.tree.map(lambda v: np.ones(v.shape, v.dtype), variables)
+    outputs.append(jax.pmap(functools.partial(_apply_mutable, layer), in_axes=(None, 0), axis_name="d")(variables, x))
+  _close(outputs[0], outputs[1], F32_TOL)
+  means = outputs[1][1]["mean"]
+  for device in range(8):
+    group = x[:4] if device < 4 else x[4:]
+    _close(means[device], 0.5 + 0.5 * group.reshape(16, 6).mean(0), F32_TOL)
+
+
+def test_mask_matches_flax_and_dropping_rows():
+  x = 1.0 + _normal((12, 5, 3), 0)
+  rows = np.arange(12 * 5).reshape(12, 5) % 3 != 0
+  flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.0, use_fast_variance=False)
+  ours = bnn.BatchNorm(use_running_average=False, momentum=0.0)
+  variables = {
+    "params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])},
+    "batch_stats": {"mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)},
+  }
+
+  @_jit
+  def run(x):
+    expected = flax_layer.apply(variables, x, mask=rows[..., None], mutable=["batch_stats"])
+    # bnjax's form, flax's form with size-1 features, flax's form spanning the features.
+    masks = (rows, rows[..., None], np.broadcast_to(rows[..., None], x.shape))
+    return expected, [ours.apply(variables, x, mask=m, mutable=["batch_stats"]) for m in masks]
+
+  expected, got = run(x)
+  for result in got:
+    _close(result, expected, F32_TOL)
+  # The statistics are those of the true rows alone.
+  _close(got[0][1]["batch_stats"], {"mean": x[rows].mean(0), "var": x[rows].var(0)}, F32_TOL)
+  # The mask is only for training statistics; evaluation ignores it.
+  evaluate = bnn.BatchNorm(use_running_average=True)
+  _close(_apply(evaluate, variables, x, mask=rows), _apply(evaluate, variables, x), F32_TOL)
+
+
+def test_mask_errors():
+  x = _normal((6, 4), 0)
+  layer = bnn.BatchNorm(use_running_average=False)
+  variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+
+  def apply(mask):
+    return jax.eval_shape(lambda v: layer.apply(v, x, mask=mask, mutable=["batch_stats"]), variables)
+
+  with pytest.raises(ValueError, match="mask differs between features"):
+    apply(np.arange(24).reshape(6, 4) % 5 != 0)
+  with pytest.raises(ValueError, match="mask has shape"):
+    apply(np.ones((5,), bool))
+  with pytest.raises(TypeError, match="mask must be a boolean"):
+    apply(np.ones((6,)))
+
+
+def test_extras_are_the_core_options():
+  x = 1.0 + _normal((8, 3), 0)
+  layer = bnn.BatchNorm(
+    use_running_average=False, momentum=0.8, virtual_batch_size=4, unbiased_running_var=True, running="cumulative"
+  )
+  core = functools.partial(
+    bnjax.batch_norm, train=True, decay=0.8, virtual_batch_size=4, unbiased_running_var=True, running="cumulative"
+  )
+
+  @_jit
+  def run(x):
+    variables = layer.init(jax.random.key(0), x)
+    params, stats = bnjax.init(3)
+    steps = []
+    for step in range(2):
+      x_step = x * (step + 1)
+      y, updates = layer.apply(variables, x_step, mutable=["batch_stats"])
+      variables = {**variables, **updates}
+      y_core, stats = core(x_step, params, stats)
+      steps.append(((y, updates["batch_stats"]), (y_core, stats._asdict())))
+    return variables, steps
+
+  variables, steps = run(x)
+  assert jax.tree.map(jnp.shape, variables["batch_stats"]) == {"mean": (3,), "var": (3,), "count": ()}
+  for ours, core_result in steps:
+    _close(ours, core_result, F32_TOL)
+  assert int(variables["batch_stats"]["count"]) == 2
+
+
+@pytest.mark.parametrize(
+  "kwargs,error,match",
+  [
+    ({"momentum": 1.5}, ValueError, "momentum"),
+    ({"momentum": "0.9"}, TypeError, "momentum"),
+    ({"epsilon": 0.0}, ValueError, "epsilon"),
+    ({"axis": "channels"}, TypeError, "axis"),
+    ({"axis": (1, 1)}, ValueError, "axis"),
+    ({"axis_index_groups": [[0, 1]]}, ValueError, "axis_index_groups"),
+    ({"axis_name": 3}, TypeError, "axis_name"),
+    ({"virtual_batch_size": 0}, ValueError, "virtual_batch_size"),
+    ({"running": "median"}, ValueError, "running"),
+    ({"use_running_average": "yes"}, TypeError, "use_running_average"),
+    ({"use_scale": 1}, TypeError, "use_scale"),
+    ({"unbiased_running_var": None}, TypeError, "unbiased_running_var"),
+  ],
+)
+def test_constructor_errors_name_the_argument(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    bnn.BatchNorm(**kwargs)
+
+
+def test_call_errors_name_the_argument():
+  x = _normal((4, 3), 0)
+  with pytest.raises(ValueError, match="axis=2 is out of range"):
+    jax.eval_shape(bnn.BatchNorm(use_running_average=False, axis=2).init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"axis=\(-1, 1\) names the same axis"):
+    jax.eval_shape(bnn.BatchNorm(use_running_average=False, axis=(-1, 1)).init, jax.random.key(0), x)
+
+
+def test_extras_are_keyword_only():
+  with pytest.raises(TypeError):
+    bnn.BatchNorm(None, -1, 0.99, 1e-5, None, jnp.float32, True, True, nn.initializers.zeros, nn.initializers.ones,
+                  None, None, True, True, 4)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------
+# MLP
+# ------------------------------------------------------------------------------------------------------
+
+
+def _layout(variables):
+  return {collection: {name: sorted(leaves) for name, leaves in tree.items()} for collection, tree in variables.items()}
+
+
+@pytest.mark.parametrize(
+  "norm,norm_layers,expected",
+  [
+    (
+      None,
+      None,
+      {"params": {"Dense_0": ["bias", "kernel"], "Dense_1": ["bias", "kernel"], "Dense_2": ["bias", "kernel"]}},
+    ),
+    (
+      "pre",
+      None,
+      {
+        "params": {
+          "Dense_0": ["kernel"],
+          "BatchNorm_0": ["bias", "scale"],
+          "Dense_1": ["kernel"],
+          "BatchNorm_1": ["bias", "scale"],
+          "Dense_2": ["bias", "kernel"],
+        },
+        "batch_stats": {"BatchNorm_0": ["mean", "var"], "BatchNorm_1": ["mean", "var"]},
+      },
+    ),
+    (
+      "post",
+      None,
+      {
+        "params": {
+          "Dense_0": ["bias", "kernel"],
+          "BatchNorm_0": ["bias", "scale"],
+          "Dense_1": ["bias", "kernel"],
+          "BatchNorm_1": ["bias", "scale"],
+          "Dense_2": ["bias", "kernel"],
+        },
+        "batch_stats": {"BatchNorm_0": ["mean", "var"], "BatchNorm_1": ["mean", "var"]},
+      },
+    ),
+    (
+      "pre",
+      (-1,),
+      {
+        "params": {
+          "Dense_0": ["bias", "kernel"],
+          "Dense_1": ["kernel"],
+          "BatchNorm_1": ["bias", "scale"],
+          "Dense_2": ["bias", "kernel"],
+        },
+        "batch_stats": {"BatchNorm_1": ["mean", "var"]},
+      },
+    ),
+    (
+      "post",
+      (0,),
+      {
+        "params": {
+          "Dense_0": ["bias", "kernel"],
+          "BatchNorm_0": ["bias", "scale"],
+          "Dense_1": ["bias", "kernel"],
+          "Dense_2": ["bias", "kernel"],
+        },
+        "batch_stats": {"BatchNorm_0": ["mean", "var"]},
+      },
+    ),
+  ],
+)
+def test_mlp_structure(norm, norm_layers, expected):
+  model = bnn.MLP((7, 5, 3), norm=norm, norm_layers=norm_layers)
+  variables = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), jnp.ones((4, 2, 3)))
+  layout = _layout(variables)
+  assert {c: sorted(t) for c, t in layout.items()} == {c: sorted(t) for c, t in expected.items()}
+  assert layout == {c: {k: expected[c][k] for k in t} for c, t in layout.items()}
+  assert variables["params"]["Dense_0"]["kernel"].shape == (6, 7)  # (4, 2, 3) flattened to (4, 6)
+  assert variables["params"]["Dense_2"]["kernel"].shape == (5, 3)
+
+
+def _dense(params, x):
+  return x @ params["kernel"] + params.get("bias", 0.0)
+
+
+def _sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+def _relu(z):
+  return np.maximum(z, 0.0)
+
+
+@pytest.mark.parametrize("norm", [None, "pre", "post"])
+def test_mlp_forward_and_sown_preactivations(norm):
+  x = _normal((16, 2, 3), 1)
+  model = bnn.MLP((8, 4, 2), activation=nn.sigmoid, norm=norm, momentum=0.5)
+  variables = _init(model, x, train=True)
+  out, state = _apply(model, variables, x, train=True, mutable=["batch_stats", "intermediates"])
+  p = _numpy(variables["params"])
+
+  def bn(z):
+    return (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)  # scale 1, bias 0 at init
+
+  h = x.reshape(16, 6)
+  for i in range(2):
+    z = _dense(p[f"Dense_{i}"], h)
+    if norm == "pre":
+      _close(state["batch_stats"][f"BatchNorm_{i}"], {"mean": 0.5 * z.mean(0), "var": 0.5 + 0.5 * z.var(0)}, F32_TOL)
+      z = bn(z)
+    (sown,) = state["intermediates"][f"preact_{i}"]
+    _close(sown, z, F32_TOL, f"preact_{i}")
+    h = _sigmoid(z)
+    if norm == "post":
+      h = bn(h)
+  _close(out, _dense(p["Dense_2"], h), F32_TOL)
+  if norm is None:
+    assert "batch_stats" not in state
+
+
+def test_mlp_eval_uses_running_statistics_and_output_activation():
+  x = 2.0 + _normal((16, 6), 1)
+  model = bnn.MLP((8, 3), norm="pre")
+  with_softmax = bnn.MLP((8, 3), norm="pre", output_activation=nn.softmax)
+
+  @_jit
+  def run(x):
+    variables = model.init(jax.random.key(0), x, train=True)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    return variables, model.apply(variables, x, train=False), with_softmax.apply(variables, x, train=False)
+
+  variables, logits, probabilities = run(x)
+  p, s = _numpy((variables["params"], variables["batch_stats"]["BatchNorm_0"]))
+  z = (_dense(p["Dense_0"], x) - s["mean"]) / np.sqrt(s["var"] + 1e-5)
+  _close(logits, _dense(p["Dense_1"], _relu(z)), F32_TOL)
+  exp = np.exp(np.asarray(logits, np.float64))
+  _close(probabilities, exp / exp.sum(1, keepdims=True), F32_TOL)
+
+
+def test_mlp_axis_name_synchronises_statistics():
+  x = _normal((4, 8, 6), 1)
+  model = bnn.MLP((5, 2), norm="pre", axis_name="batch")
+
+  @_jit
+  def run(x):
+    variables = model.init(jax.random.key(0), x[0], train=True)
+    apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+    mapped = jax.vmap(apply, in_axes=(None, 0), axis_name="batch")(variables, x)
+    whole = bnn.MLP((5, 2), norm="pre").apply(variables, x.reshape(32, 6), train=True, mutable=["batch_stats"])
+    return mapped, whole
+
+  (y, stats), (y_whole, stats_whole) = run(x)
+  _close(y.reshape(32, 2), y_whole, F32_TOL)
+  _close(jax.tree.map(lambda s: s[2], stats), stats_whole, F32_TOL)
+
+
+def test_mlp_dtype():
+  model = bnn.MLP((8, 3), norm="post", dtype=jnp.bfloat16)
+  x = jnp.ones((4, 6), jnp.bfloat16)
+  variables = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), x)
+  assert jax.eval_shape(functools.partial(model.apply, train=False), variables, x).dtype == jnp.bfloat16
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize(
+  "kwargs,error,match",
+  [
+    ({"features": ()}, TypeError, "features"),
+    ({"features": 4}, TypeError, "features"),
+    ({"features": (4, 0)}, ValueError, "features"),
+    ({"features": (4, 2), "norm": "middle"}, ValueError, "norm"),
+    ({"features": (4, 4, 2), "norm": "pre", "norm_layers": (2,)}, ValueError, "norm_layers"),
+    ({"features": (4, 2), "norm": None, "norm_layers": (0,)}, ValueError, "norm_layers"),
+    ({"features": (4, 2), "norm": "pre", "norm_layers": 0}, TypeError, "norm_layers"),
+    ({"features": (4, 2), "momentum": -0.1}, ValueError, "momentum"),
+    ({"features": (4, 2), "activation": "relu"}, TypeError, "activation"),
+  ],
+)
+def test_mlp_constructor_errors_name_the_argument(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    bnn.MLP(**kwargs)
+
+
+def test_mlp_train_must_be_a_bool():
+  model = bnn.MLP((4, 2), norm="pre")
+  with pytest.raises(TypeError, match="train"):
+    jax.eval_shape(functools.partial(model.init, train=None), jax.random.key(0), jnp.ones((4, 3)))
+
+
+def test_keras_article_model():
+  x = _normal((8, 5), 1)
+  model = bnn.keras_article_model()
+  variables = _init(model, x, train=True)
+  assert jax.tree.map(jnp.shape, variables) == {
+    "params": {
+      "Dense_0": {"kernel": (5, 16), "bias": (16,)},
+      "Dense_1": {"kernel": (16, 32), "bias": (32,)},
+      "BatchNorm_1": {"scale": (32,), "bias": (32,)},
+      "Dense_2": {"kernel": (32, 2), "bias": (2,)},
+    },
+    "batch_stats": {"BatchNorm_1": {"mean": (32,), "var": (32,)}},
+  }
+  assert sum(v.size for v in jax.tree.leaves(variables["params"])) == 770
+  # Dense(16, relu) -> Dense(32, relu) -> BatchNorm (Keras's epsilon 1e-3) -> Dense(2) logits.
+  p = _numpy(variables["params"])
+  h = _relu(_dense(p["Dense_1"], _relu(_dense(p["Dense_0"], x))))
+  h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-3)
+  logits, _ = _apply(model, variables, x, train=True, mutable=["batch_stats"])
+  _close(logits, _dense(p["Dense_2"], h), F32_TOL)
+
+  plain = bnn.keras_article_model(batch_norm=False)
+  plain_vars = jax.eval_shape(functools.partial(plain.init, train=True), jax.random.key(0), x)
+  assert set(plain_vars) == {"params"}
+  assert sum(v.size for v in jax.tree.leaves(plain_vars)) == 770 - 64
