@@ -153,9 +153,9 @@ def _core_mask(mask: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...
   Accepted masks:
     * the core's form, x's shape without the feature axes (rank `x.ndim - len(feature_axes)`);
     * flax's form, any boolean array broadcastable to x's shape (rank at most `x.ndim`). bnjax selects
-      whole rows of the batch, so a mask that spans the feature axes must be the same for every feature;
-      this is checked when the mask is a concrete array, and under `jit` the mask of the first feature
-      is the one used.
+      whole rows of the batch, so a mask that spans the feature axes must be the same for every feature.
+      That is checked on a concrete mask; a traced one (under `jit`) that spans the feature axes cannot be
+      checked and is refused rather than silently reduced: pass the row mask instead.
   """
   if mask is None:
     return None
@@ -182,12 +182,18 @@ def _core_mask(mask: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...
   spans_features = tuple(a for a in feature_axes if mask.shape[a] != 1)
   if spans_features:
     first_feature = tuple(slice(0, 1) if a in spans_features else slice(None) for a in range(ndim))
-    if isinstance(mask, np.ndarray):
-      if not np.array_equal(np.broadcast_to(mask[first_feature], mask.shape), mask):
-        raise ValueError(
-          "mask differs between features; bnjax masks whole rows of the batch, so a mask spanning the "
-          f"feature axes {feature_axes} must be constant along them (got shape {mask.shape})"
-        )
+    if isinstance(mask, jax.core.Tracer):
+      raise ValueError(
+        f"`mask` of shape {mask.shape} spans the feature axes {feature_axes} and is traced (under jit), so "
+        "bnjax cannot check that it is the same for every feature (bnjax masks whole rows). Pass the row "
+        f"mask, of the input's shape without its feature axes {batch_only}, e.g. "
+        f"`mask.all(axis={spans_features})`."
+      )
+    if not np.array_equal(np.broadcast_to(mask[first_feature], mask.shape), mask):
+      raise ValueError(
+        "`mask` differs between features; bnjax masks whole rows of the batch, so a mask spanning the "
+        f"feature axes {feature_axes} must be constant along them (got shape {mask.shape})"
+      )
     mask = mask[first_feature]
   return jnp.broadcast_to(mask, kept_shape)
 

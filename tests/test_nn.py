@@ -348,8 +348,12 @@ def test_mask_errors():
   def apply(mask):
     return jax.eval_shape(lambda v: layer.apply(v, x, mask=mask, mutable=["batch_stats"]), variables)
 
-  with pytest.raises(ValueError, match="mask differs between features"):
+  with pytest.raises(ValueError, match="mask` differs between features"):
     apply(np.arange(24).reshape(6, 4) % 5 != 0)
+  # A traced mask spanning the features cannot be checked, so it is refused, never reduced silently.
+  with pytest.raises(ValueError, match=r"spans the feature axes .* traced"):
+    jax.jit(lambda m: layer.apply(jax.tree.map(jnp.zeros_like, variables), x, mask=m,
+                                  mutable=["batch_stats"]))(np.ones((6, 4), bool))
   with pytest.raises(ValueError, match="mask has shape"):
     apply(np.ones((5,), bool))
   with pytest.raises(TypeError, match="mask must be a boolean"):
