@@ -49,10 +49,13 @@ def evaluate(metrics: dict, criterion) -> Verdict:
   return Verdict(held=bool(fast and stable), reason=reason)
 
 
-def percentile_probe(model, x, layer: int, unit: int):
+def percentile_probe(model, train_x, test_x, layer: int, unit: int):
+  """Percentiles of one sigmoid's input: training mode over ``train_x``, inference mode over ``test_x``."""
   def probe(state):
-    preact = common.preactivations(model, state, x, train=True)[layer][:, unit]
-    return {"percentiles": jnp.percentile(preact, jnp.asarray(PERCENTILES))}
+    train_mode = common.preactivations(model, state, train_x, train=True)[layer][:, unit]
+    inference_mode = common.preactivations(model, state, test_x, train=False)[layer][:, unit]
+    return {"percentiles": jnp.percentile(train_mode, jnp.asarray(PERCENTILES)),
+            "percentiles_inference": jnp.percentile(inference_mode, jnp.asarray(PERCENTILES))}
   return probe
 
 
@@ -65,29 +68,29 @@ def drift(steps, percentiles, warmup_step: float) -> np.ndarray:
 
 def run(config, run) -> Result:
   dataset = common.load_data(config)
-  seeds = [config.seed + i for i in range(config.num_seeds)]
-  tx = common.make_optimizer(config.optimizer, config.learning_rate)
+  seeds = common.seeds_of(config)
   last_layer = len(config.hidden) - 1
   histories, finals = {}, []
   for arm, norm in ARMS.items():
     model = common.make_mlp(config, dataset.num_classes, norm=norm)
-    probe = percentile_probe(model, jnp.asarray(dataset.train.x), last_layer, config.unit)
-    state, history = common.train_models(
-        run, arm, model, tx, dataset, seeds=seeds, num_steps=config.num_steps,
-        batch_size=config.batch_size, eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every, probe=probe, eval_splits=("test",),
-        num_devices=config.num_devices)
+    probe = percentile_probe(model, jnp.asarray(dataset.train.x), jnp.asarray(dataset.test.x), last_layer,
+                             config.unit)
+    state, history = common.train_arm(run, arm, config, model, dataset, probe=probe,
+                                      eval_splits=("test",))
     histories[arm] = history
     finals.append(state)
 
   criterion = config.criterion
   warmup_step = criterion.warmup_fraction * config.num_steps
-  metrics = {"steps_to_target": {}, "drift": {}, "final_test_accuracy": {}, "final_test_accuracy_se": {}}
+  metrics = {"steps_to_target": {}, "drift": {}, "drift_inference_mode": {}, "final_test_accuracy": {},
+             "final_test_accuracy_se": {}}
   for arm, h in histories.items():
     mean_curve = h.values["test_accuracy"].mean(axis=1)
     reached = common.first_step_reaching(h.steps, mean_curve, criterion.target_accuracy)
     metrics["steps_to_target"][arm] = None if math.isinf(reached) else reached
     metrics["drift"][arm] = drift(h.steps, h.values["percentiles"], warmup_step).tolist()
+    metrics["drift_inference_mode"][arm] = drift(h.steps, h.values["percentiles_inference"],
+                                                 warmup_step).tolist()
     mean, se = common.mean_se(h.final("test_accuracy"))
     metrics["final_test_accuracy"][arm], metrics["final_test_accuracy_se"][arm] = float(mean), float(se)
     per_seed = [common.first_step_reaching(h.steps, h.values["test_accuracy"][:, m],
@@ -100,13 +103,22 @@ def run(config, run) -> Result:
     rows.append([arm, report.fmt(metrics["steps_to_target"][arm] or math.inf),
                  common.fmt_pm(metrics["final_test_accuracy"][arm], metrics["final_test_accuracy_se"][arm],
                                100.0),
-                 common.fmt_pm(d_mean, d_se), " ".join(f"{d:.2f}" for d in metrics["drift"][arm])])
+                 common.fmt_pm(d_mean, d_se), " ".join(f"{d:.2f}" for d in metrics["drift"][arm]),
+                 " ".join(f"{d:.2f}" for d in metrics["drift_inference_mode"][arm])])
   tables = [Table(f"{config.dataset}, {config.num_seeds} seeds, {config.num_steps} steps of SGD "
                   f"(lr {config.learning_rate:g}, batch {config.batch_size})",
                   ["arm", f"steps to {criterion.target_accuracy:.0%} (mean curve)", "final test acc %",
-                   "percentile drift", "drift per seed"], rows)]
+                   "percentile drift", "drift per seed", "drift per seed, inference mode (not the "
+                   "criterion)"], rows)]
   plots = [_plot(run, config, histories, warmup_step)]
-  return Result(metrics=metrics, tables=tables, plots=plots, state_digest=common.state_digest(*finals))
+  fewer = sum(b < n for b, n in zip(metrics["drift_inference_mode"]["bn"], metrics["drift_inference_mode"]["none"]))
+  notes = (f"The criterion's drift is measured in training mode over the training split. Measured instead in "
+           f"inference mode over the test split (running statistics, which lag and jitter at this learning "
+           f"rate), BN drifts less in {fewer} of {len(seeds)} seeds. The first version of this experiment "
+           f"measured in inference mode only; training mode was adopted after that pilot run, so both are "
+           f"shown.")
+  return Result(metrics=metrics, tables=tables, plots=plots, state_digest=common.state_digest(*finals),
+                notes=notes)
 
 
 def _plot(run, config, histories, warmup_step) -> str:

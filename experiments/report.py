@@ -165,7 +165,8 @@ def _results_markdown(found, *, image_prefix: str, heading: str) -> str:
   parts.append("")
   for _, s in found:
     quick = " (quick form)" if s["quick"] else ""
-    parts += [f"{heading} {s['experiment']}", "", f"{s['title']}{quick}.", "",
+    title = s["title"][:1].upper() + s["title"][1:]
+    parts += [f"{heading} {s['experiment']}", "", f"{title}{quick}.", "",
               f"Criterion: {s['criterion']} Verdict: {verdict_word(s)}. {s['verdict']['reason']}", ""]
     if s.get("notes"):
       parts += [s["notes"], ""]

@@ -215,3 +215,33 @@ def test_report_rebuilds_readme_section_and_results(quick_summaries, workdir, tm
       assert f"{results.as_posix()}/{name}/{plot}" in text
   assert (results / "README.md").exists()
   assert "```python" not in text  # Nothing in the section for tests/test_readme.py to execute.
+
+
+def test_fig1_switches_to_the_paper_protocol_when_given_mnist_files():
+  config = config_parsing.load_config("fig1", overrides=["--config.data_dir=/data/mnist"])
+  assert (config.dataset, config.num_steps, config.batch_size) == ("mnist", 50_000, 60)
+  kept = config_parsing.load_config("fig1", overrides=["--config.data_dir=/data/mnist",
+                                                       "--config.num_steps=1000"])
+  assert (kept.dataset, kept.num_steps) == ("mnist", 1000)
+  with pytest.raises(ValueError, match="config.data_dir"):
+    config_parsing.validate("fig1", config_parsing.load_config("fig1", overrides=["--config.dataset=mnist"]))
+
+
+def test_data_parallel_train_matches_one_device(tmp_path):
+  one = runner.run_experiment("train", quick=True, workdir=str(tmp_path / "one"), quiet=True)
+  two = runner.run_experiment("train", quick=True, workdir=str(tmp_path / "two"), quiet=True,
+                              overrides=["--config.num_devices=2"])
+  assert two["environment"]["devices"] >= 2
+  assert abs(one["metrics"]["test_loss"] - two["metrics"]["test_loss"]) < 1e-3
+
+
+def test_cli_runs_an_experiment_and_the_report(tmp_path, capsys):
+  workdir = str(tmp_path / "runs")
+  assert cli.main(["train", "--quick", "--quiet", "--workdir", workdir, "--config.num_steps=20",
+                   "--config.eval_every=10", "--config.checkpoint_every=0"]) == 0
+  readme = tmp_path / "README.md"
+  readme.write_text(f"{report.SECTION_START}\n{report.SECTION_END}\n")
+  assert cli.main(["report", "--workdir", workdir, "--results_dir", str(tmp_path / "results"),
+                   "--readme", str(readme)]) == 0
+  assert (tmp_path / "results" / "train" / "train.png").exists()
+  assert "### train" in readme.read_text()
