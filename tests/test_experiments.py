@@ -245,3 +245,19 @@ def test_cli_runs_an_experiment_and_the_report(tmp_path, capsys):
                    "--readme", str(readme)]) == 0
   assert (tmp_path / "results" / "train" / "train.png").exists()
   assert "### train" in readme.read_text()
+
+
+def test_many_seed_experiment_resumes_each_arm_from_its_checkpoint(tmp_path):
+  overrides = ["--config.checkpoint_every=100"]
+  full = runner.run_experiment("fig1", quick=True, workdir=str(tmp_path), overrides=overrides, quiet=True)
+  run_dir = runner.run_dirs(tmp_path, "fig1")[-1]
+  # "none" was interrupted after its step-100 checkpoint; "bn" had not saved one yet.
+  shutil.rmtree(run_dir / "checkpoints" / "none" / "200")
+  shutil.rmtree(run_dir / "checkpoints" / "bn")
+  resumed = runner.run_experiment("fig1", quick=True, workdir=str(tmp_path), overrides=overrides,
+                                  resume=True, quiet=True)
+  assert resumed["state_digest"] == full["state_digest"]
+  assert resumed["metrics"] == full["metrics"]
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  for arm in ("none", "bn"):
+    assert [r["step"] for r in rows if r["arm"] == arm] == [0, 50, 100, 150, 200]
