@@ -15,21 +15,10 @@ from experiments import runner
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="module")
-def quick_summaries(workdir):
-  """Every experiment's quick form, run once for the module (each takes seconds)."""
-  return {name: runner.run_experiment(name, quick=True, workdir=str(workdir), quiet=True)
-          for name in config_parsing.EXPERIMENTS}
-
-
 @pytest.mark.parametrize("name", config_parsing.EXPERIMENTS)
-def test_quick_run_writes_outputs_and_verdict_follows_metrics(name, quick_summaries, workdir):
-  summary = quick_summaries[name]
+def test_quick_run_writes_outputs_and_verdict_follows_metrics(name, tmp_path):
+  workdir = tmp_path
+  summary = runner.run_experiment(name, quick=True, workdir=str(workdir), quiet=True)
   run_dir = runner.latest_finished_run(workdir, name)
   assert run_dir is not None and str(run_dir) == summary["run_dir"]
   for filename in RUN_FILES:
@@ -201,7 +190,12 @@ def test_resume_refuses_a_different_config(tmp_path):
                           overrides=["--config.learning_rate=0.5"])
 
 
-def test_report_rebuilds_readme_section_and_results(quick_summaries, workdir, tmp_path):
+def test_report_rebuilds_readme_section_and_results(tmp_path):
+  workdir = tmp_path / "runs"
+  quick_summaries = {
+      name: runner.run_experiment(name, quick=True, workdir=str(workdir), quiet=True,
+                                  overrides=["--config.num_steps=20", "--config.eval_every=10"])
+      for name in ("train", "keras_example")}
   readme = tmp_path / "README.md"
   readme.write_text(f"# x\n\n## Results\n\n{report.SECTION_START}\nold text\n{report.SECTION_END}\n\n## After\n")
   results = tmp_path / "results"
