@@ -49,7 +49,8 @@ def run(config, run) -> Result:
   if placement is None:
     step_fn = training.make_train_step(model_train, tx)
   else:
-    step_fn = training.make_train_step(model_train, tx, parallel=config.parallel, mesh=placement,
+    mesh = training.batch_mesh(placement, AXIS_NAME) if config.parallel == "pmap" else placement
+    step_fn = training.make_train_step(model_train, tx, parallel=config.parallel, mesh=mesh,
                                        axis_name=AXIS_NAME)
   place = (lambda tree: tree) if placement is None else (lambda tree: training.replicate(tree, placement))
   unplace = training.unreplicate if config.parallel == "pmap" and placement is not None else (lambda t: t)
