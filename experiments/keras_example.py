@@ -33,7 +33,8 @@ def run(config, run) -> Result:
   metrics = {"seed_test_accuracy": {}, "final_test_accuracy": {}, "final_test_accuracy_se": {}}
   histories, finals = {}, []
   for arm, batch_norm in ARMS.items():
-    model = bn_nn.keras_article_model(batch_norm=batch_norm)
+    model = bn_nn.keras_article_model(batch_norm=batch_norm, momentum=config.momentum,
+                                      epsilon=config.epsilon)
     state, history = common.train_arm(run, arm, config, model, dataset)
     finals.append(state)
     histories[arm] = history

@@ -13,8 +13,11 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh")
 NORMS = ("none", "pre", "post")
 
 
-def training_config(**values) -> ml_collections.ConfigDict:
+def training_config(*, drop=(), **values) -> ml_collections.ConfigDict:
   """The keys every training config has, with defaults, updated with ``values``.
+
+  ``drop`` removes model keys an experiment fixes itself (e.g. ``norm`` where the arms are the
+  placements), so an override of them is refused instead of silently ignored.
 
   ``data_dir=""`` means the bundled data; ``checkpoint_every=0`` means no checkpoints; ``init_stddev=0``
   means the layer's default initializer (LeCun normal), otherwise ``N(0, init_stddev^2)`` kernels.
@@ -42,6 +45,11 @@ def training_config(**values) -> ml_collections.ConfigDict:
     if key not in config:
       raise KeyError(f"training_config got unknown key {key!r}; valid keys: {sorted(config)}")
     config[key] = value
+  for key in drop:
+    if key in ("dataset", "num_steps", "batch_size", "learning_rate", "optimizer", "seed", "eval_every",
+               "checkpoint_every", "num_devices"):
+      raise KeyError(f"training_config cannot drop {key!r}: every training config has it")
+    del config[key]
   return config
 
 

@@ -18,7 +18,7 @@ def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="digits", num_steps=6000, batch_size=60, learning_rate=0.5, optimizer="sgd",
       num_seeds=5, eval_every=50, hidden=(100, 100, 100), activation="sigmoid", norm="pre",
-      init_stddev=0.1)
+      init_stddev=0.1, drop=("norm",))  # The arms are no BN and BN before each sigmoid.
   config.unit = 0  # Which sigmoid of the last hidden layer panels (b, c) follow.
   config.criterion = dict(
       target_accuracy=0.9,     # Panel (a): test accuracy both arms race to.

@@ -13,7 +13,7 @@ def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="digits", num_steps=3000, batch_size=60, learning_rate=0.02, optimizer="momentum",
       num_seeds=5, eval_every=500, hidden=(100, 100), activation="relu", norm="pre")
-  config.batch_sizes = (4, 8, 60)
+  config.batch_sizes = (4, 8, 60)  # One arm each; `batch_size` is not used.
   config.criterion = dict(
       unbiased_better_at=4,       # At this batch size the unbiased running variance is closer to the
       # reference than the biased one (mean relative error over layers, features and seeds), and

@@ -10,7 +10,8 @@ from experiments import configs
 def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="age_salary", num_steps=3000, batch_size=32, learning_rate=1e-3, optimizer="adam",
-      num_seeds=10, eval_every=100)
+      num_seeds=10, eval_every=100, epsilon=1e-3,  # Keras's BatchNormalization epsilon.
+      drop=("hidden", "activation", "norm", "init_stddev"))  # The model is the article's.
   config.criterion = dict(
       confidence=0.95,  # Held if the paired CI of test accuracy (with BN - without) lies above zero.
   )

@@ -9,7 +9,9 @@ from experiments import configs
 def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="digits", num_steps=2000, batch_size=60, optimizer="sgd", num_seeds=5, eval_every=100,
-      hidden=(100, 100), activation="relu", norm="pre")
+      hidden=(100, 100), activation="relu",
+      drop=("norm",))  # The arms are no BN and BN before each activation.
+  # Every model trains at one of these; `learning_rate` is not used.
   config.learning_rates = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
   config.criterion = dict(
       target_accuracy=0.9,  # A grid point "reaches" it when the seeds' mean final test accuracy does.

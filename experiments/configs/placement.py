@@ -11,7 +11,8 @@ from experiments import configs
 def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="digits", standardize=True, num_steps=1500, batch_size=32, optimizer="momentum",
-      num_seeds=10, eval_every=500, hidden=(64, 64), activation="relu", norm="pre")
+      num_seeds=10, eval_every=500, hidden=(64, 64), drop=("activation", "norm"))
+  # These replace `dataset` and `learning_rate`, which are not used.
   config.datasets = ("digits", "breast_cancer", "wine")
   config.activations = ("relu", "tanh")
   config.learning_rates = (0.003, 0.01, 0.03, 0.1)
