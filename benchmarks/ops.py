@@ -433,6 +433,36 @@ def _build_torch(case: Case, data: CaseData, *, layout: str) -> Prepared:
                         "channels_last": "BatchNorm2d channels_last"}[layout])
 
 
+class KnownDeviation(NamedTuple):
+  """A peer's documented numerical deviation: reported on every run, but not a failure of the run.
+
+  It covers only the named output arrays of the named implementation where `applies(case)`; any other array
+  out of tolerance is still a FAIL, and a deviation that no longer occurs is reported as such. bnjax is never
+  listed here.
+  """
+  implementation: str
+  applies: Callable[[Case], bool]
+  arrays: frozenset[str]
+  reason: str
+
+
+KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
+    KnownDeviation(
+        "haiku", lambda case: case.dtype == "bfloat16" and case.mode == "fwd_bwd" and len(case.shape) > 2,
+        frozenset({"dscale", "dbias"}),
+        "Haiku keeps scale and offset in the input dtype, so dscale and dbias are bfloat16 reductions over "
+        "N*H*W; XLA:CPU lowers a bfloat16 reduction over several axes to a reduce-window tree that loses "
+        "~20% here (over one axis it stays within 1%)"),
+)
+
+
+def _known_deviation(case: Case, implementation: str, failing: set[str]) -> KnownDeviation | None:
+  for deviation in KNOWN_DEVIATIONS:
+    if deviation.implementation == implementation and deviation.applies(case) and failing <= deviation.arrays:
+      return deviation
+  return None
+
+
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("bnjax", build_bnjax),
     Implementation("flax.linen", build_flax_linen),
@@ -478,7 +508,7 @@ class Row:
   compile_method: str | None = None
   first_call_ms: float | None = None
   load_average: float | None = None   # 1-minute load average when the case started: > cores means contention
-  check: str = "n/a"           # "pass" | "FAIL" | "n/a" (the floor) | "ERROR"
+  check: str = "n/a"           # "pass" | "FAIL" | "known deviation" (a listed peer) | "n/a" (the floor) | "ERROR"
   max_errors: dict[str, float] = dataclasses.field(default_factory=dict)
   error: str | None = None
 
@@ -508,6 +538,9 @@ def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: i
         want = expected_outputs(case, data, reference, prepared.running_rule)
         ok, errors = _reference.compare(prepared.outputs(result), want, tolerance)
         row.check, row.max_errors = ("pass" if ok else "FAIL"), errors
+        deviation = _known_deviation(case, impl.name, {k for k, e in errors.items() if e > tolerance})
+        if not ok and deviation is not None:
+          row.check, row.error = "known deviation", deviation.reason
       if prepared.compile_s is not None:
         row.compile_s, row.compile_method = prepared.compile_s, "lower+compile"
       calls[impl.name] = prepared.call
@@ -547,7 +580,7 @@ def _row_cells(row: Row) -> list[str]:
             f"{_harness.fmt_ms(row.p25_ms / 1e3)}-{_harness.fmt_ms(row.p75_ms / 1e3)}")
   worst = max(row.max_errors.values()) if row.max_errors else None
   check = row.check if worst is None else f"{row.check} ({worst:.1e})"
-  if row.error:
+  if row.check == "ERROR":
     check = f"ERROR: {row.error[:80]}"
   name = row.implementation + (f" ({row.note})" if row.note else "")
   return [row.case, name, _harness.fmt_ms(None if row.median_ms is None else row.median_ms / 1e3), spread,
@@ -588,7 +621,16 @@ def render(rows: Sequence[Row], verdicts: Sequence[dict[str, Any]], info: dict[s
   if failures:
     lines += ["", "CORRECTNESS FAILURES:"]
     lines += [f"  {row.case} {row.implementation}: {row.error or row.max_errors}" for row in failures]
+  deviations = [row for row in rows if row.check == "known deviation"]
+  if deviations:
+    lines += ["", "Known deviations of peers from the float64 reference (beyond tolerance, not a run failure):"]
+    lines += [f"  {row.case} {row.implementation}: {_worst(row)}; {row.error}" for row in deviations]
   return "\n".join(lines)
+
+
+def _worst(row: Row) -> str:
+  return ", ".join(f"{name} {error:.1e}" for name, error in row.max_errors.items()
+                   if error > _reference.TOLERANCE[row.dtype])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -637,6 +679,14 @@ def main(argv: Sequence[str] | None = None,
       if row.check in ("FAIL", "ERROR"):
         print(f"!!! CORRECTNESS {row.check}: {case.label} {row.implementation}: "
               f"{row.error or row.max_errors}", file=sys.stderr, flush=True)
+      elif row.check == "known deviation":
+        print(f"!!! known deviation: {case.label} {row.implementation}: {_worst(row)} ({row.error})",
+              file=sys.stderr, flush=True)
+    for deviation in KNOWN_DEVIATIONS:
+      if deviation.applies(case) and any(r.implementation == deviation.implementation and r.check == "pass"
+                                         for r in case_rows):
+        print(f"note: the known deviation of {deviation.implementation} did not occur in {case.label}; "
+              "it may have been fixed", file=sys.stderr, flush=True)
     rows += case_rows
     print(f"done: {case.label}", file=sys.stderr, flush=True)
   verdicts = targets(rows)

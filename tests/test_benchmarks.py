@@ -229,5 +229,17 @@ def test_combine_takes_medians_over_runs(tmp_path):
 
   (row,) = combine.combine([run(1.0, 0.5), run(9.0, 0.9), run(2.0, 0.6)])
   assert (row.median_ms, row.x_flax, row.rounds) == (2.0, 0.6, 9)
+  failed = run(1.0, 0.5)
+  failed["rows"][0].update(check="FAIL", max_errors={"y": 1e-2})
   with pytest.raises(ValueError, match="failed"):
-    combine.combine([{**run(1.0, 0.5), "all_checks_passed": False}])
+    combine.combine([failed])
+
+
+def test_known_deviations_cover_only_their_arrays_and_never_bnjax():
+  nhwc = ops.Case((64, 32, 32, 64), "bfloat16", "fwd_bwd")
+  assert ops._known_deviation(nhwc, "haiku", {"dbias", "dscale"})  # pylint: disable=protected-access
+  assert not ops._known_deviation(nhwc, "haiku", {"dbias", "dx"})  # pylint: disable=protected-access
+  assert not ops._known_deviation(ops.Case((4096, 1024), "bfloat16", "fwd_bwd"), "haiku",  # pylint: disable=protected-access
+                                  {"dbias"})
+  assert not ops._known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})  # pylint: disable=protected-access
+  assert all(deviation.implementation != "bnjax" for deviation in ops.KNOWN_DEVIATIONS)
