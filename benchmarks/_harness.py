@@ -62,8 +62,8 @@ def time_call(call: Callable[[], Any]) -> tuple[float, int]:
   return seconds, _minor_faults() - faults
 
 
-def round_robin(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int,
-                seed: int = 0) -> dict[str, Samples]:
+def round_robin(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int, seed: int = 0,
+                setups: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, Samples]:
   """Times every call `rounds` times, interleaved: each round runs each candidate once, in a random order.
 
   Args:
@@ -71,12 +71,17 @@ def round_robin(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: 
     rounds: timed calls per candidate (the median is taken over these).
     warmup: untimed calls per candidate first (compilation, allocator and cache warm-up).
     seed: seeds the per-round order, so a run is reproducible.
+    setups: name -> a callable run, untimed, before each of that candidate's calls (e.g. to set a library's
+      thread count, which is process-global).
 
   Returns:
     name -> Samples, whose i-th entries all come from round i.
   """
-  for call in calls.values():
+  setups = setups or {}
+  no_setup = lambda: None
+  for name, call in calls.items():
     for _ in range(warmup):
+      setups.get(name, no_setup)()
       call()
   order = list(calls)
   rng = random.Random(seed)
@@ -84,6 +89,7 @@ def round_robin(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: 
   for _ in range(rounds):
     rng.shuffle(order)
     for name in order:
+      setups.get(name, no_setup)()
       seconds, faults = time_call(calls[name])
       samples[name].seconds.append(seconds)
       samples[name].minor_faults.append(faults)
@@ -93,14 +99,6 @@ def round_robin(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: 
 def median_ratio(numerator: Samples, denominator: Samples) -> float:
   """Median over rounds of numerator/denominator time: robust to noise that hits a whole round."""
   return statistics.median(a / b for a, b in zip(numerator.seconds, denominator.seconds))
-
-
-def first_call_overhead_s(call: Callable[[], Any], steady_s: float) -> tuple[float, float]:
-  """Runs `call` once (it must be the first call) and returns (its time, its time minus `steady_s`)."""
-  start = time.perf_counter()
-  call()
-  first = time.perf_counter() - start
-  return first, first - steady_s
 
 
 def compile_seconds(jitted: Any, *args: Any, **kwargs: Any) -> float:

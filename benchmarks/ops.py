@@ -22,6 +22,7 @@ ignored by git; the committed record is benchmarks/RESULTS.md).
 """
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -84,6 +85,7 @@ class Prepared:
   note: str = ""
   jitted: Any = None               # the jitted function and its arguments, for HLO inspection
   args: tuple = ()
+  setup: Callable[[], Any] | None = None   # run untimed before every call (process-global settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,9 +374,12 @@ def _torch_layout_supported(layout: str) -> Callable[[Case], bool]:
   return lambda case: (len(case.shape) == 2) == (layout == "nd")
 
 
-def _build_torch(case: Case, data: CaseData, *, layout: str) -> Prepared:
+def _build_torch(case: Case, data: CaseData, *, layout: str, threads: int | None = None) -> Prepared:
+  """PyTorch eager; `threads` None means one intra-op thread per usable core (PyTorch's default)."""
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  threads = threads or len(os.sched_getaffinity(0))
+  setup = functools.partial(torch.set_num_threads, threads)
+  setup()
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[case.dtype]
   features = data.scale.shape[0]
   module_cls = torch.nn.BatchNorm1d if layout == "nd" else torch.nn.BatchNorm2d
@@ -427,10 +432,10 @@ def _build_torch(case: Case, data: CaseData, *, layout: str) -> Prepared:
       return {"dx": canonical(dx), "dscale": dscale.double().numpy(), "dbias": dbias.double().numpy(),
               **running()}
 
+  note = {"nd": "BatchNorm1d", "nchw": "BatchNorm2d NCHW", "channels_last": "BatchNorm2d channels_last"}[layout]
   return Prepared(call=call, outputs=outputs,
                   running_rule=_reference.ema_rule(data.mean0, data.var0, data.decay, unbiased_var=True),
-                  note={"nd": "BatchNorm1d", "nchw": "BatchNorm2d NCHW",
-                        "channels_last": "BatchNorm2d channels_last"}[layout])
+                  note=f"{note}, {threads} thread{'s' if threads > 1 else ''}", setup=setup)
 
 
 class KnownDeviation(NamedTuple):
@@ -471,11 +476,21 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("haiku", build_haiku),
     Implementation("equinox", build_equinox),
     Implementation("jnp+autodiff", build_jnp),
+    # One intra-op thread per core is PyTorch's default and the spec; on a machine shared with other work,
+    # OpenMP's all-threads barriers then wait for a descheduled thread (whole scheduler ticks), which a single
+    # thread never does, so the 1-thread variants are timed too and "torch best" takes the faster.
     Implementation("torch", lambda c, d: _build_torch(c, d, layout="nd"), _torch_layout_supported("nd"),
                    family="torch"),
+    Implementation("torch 1 thread", lambda c, d: _build_torch(c, d, layout="nd", threads=1),
+                   _torch_layout_supported("nd"), family="torch"),
     Implementation("torch NCHW", lambda c, d: _build_torch(c, d, layout="nchw"),
                    _torch_layout_supported("nchw"), family="torch"),
     Implementation("torch channels_last", lambda c, d: _build_torch(c, d, layout="channels_last"),
+                   _torch_layout_supported("channels_last"), family="torch"),
+    Implementation("torch NCHW 1 thread", lambda c, d: _build_torch(c, d, layout="nchw", threads=1),
+                   _torch_layout_supported("nchw"), family="torch"),
+    Implementation("torch channels_last 1 thread",
+                   lambda c, d: _build_torch(c, d, layout="channels_last", threads=1),
                    _torch_layout_supported("channels_last"), family="torch"),
     Implementation(FLOOR, build_floor, family="floor"),
 )
@@ -521,7 +536,7 @@ def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: i
                                               epsilon=data.epsilon)
   tolerance = _reference.TOLERANCE[case.dtype]
   load_average = os.getloadavg()[0]
-  rows, calls = {}, {}
+  rows, calls, setups = {}, {}, {}
   for impl in implementations:
     if not impl.supports(case):
       continue
@@ -531,6 +546,8 @@ def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: i
     try:
       prepared = impl.build(case, data)
       row.note = prepared.note
+      if prepared.setup is not None:
+        prepared.setup()
       start = time.perf_counter()
       result = prepared.call()
       row.first_call_ms = (time.perf_counter() - start) * 1e3
@@ -544,10 +561,12 @@ def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: i
       if prepared.compile_s is not None:
         row.compile_s, row.compile_method = prepared.compile_s, "lower+compile"
       calls[impl.name] = prepared.call
+      if prepared.setup is not None:
+        setups[impl.name] = prepared.setup
     except Exception as error:  # pylint: disable=broad-except
       # A peer that cannot run a case is a result to report, not a reason to lose the other numbers.
       row.check, row.error = "ERROR", f"{type(error).__name__}: {error}"
-  samples = _harness.round_robin(calls, rounds=rounds, warmup=warmup, seed=seed)
+  samples = _harness.round_robin(calls, rounds=rounds, warmup=warmup, seed=seed, setups=setups)
   torch_names = [name for name in samples if rows[name].family == "torch"]
   torch_best = min(torch_names, key=lambda n: samples[n].median_s) if torch_names else None
   for name, sample in samples.items():

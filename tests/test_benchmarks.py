@@ -46,7 +46,7 @@ def test_ops_quick_every_implementation_runs_and_passes(tmp_path):
     assert row["rounds"] == results["rounds"] and row["median_ms"] > 0
   for row in rows:   # both torch layouts appear for NHWC, and the best of them is named
     if len(row["shape"]) == 4 and row["implementation"] != ops.FLOOR:
-      assert row["torch_best"] in ("torch NCHW", "torch channels_last")
+      assert row["torch_best"].startswith(("torch NCHW", "torch channels_last"))
   assert {v["shape"][0] for v in results["targets"]} == {s[0] for s in ops.QUICK_SHAPES}
 
 
@@ -131,7 +131,11 @@ def test_reference_matches_finite_differences():
 def test_harness_round_robin_interleaves_and_aligns_rounds():
   log = []
   calls = {name: (lambda name=name: log.append(name)) for name in "abc"}
-  samples = _harness.round_robin(calls, rounds=4, warmup=1, seed=3)
+  setups = []
+  samples = _harness.round_robin(calls, rounds=4, warmup=1, seed=3,
+                                 setups={"b": lambda: setups.append(len(log))})
+  assert setups == [log.index("b", i) for i in setups]     # b's setup ran right before every call of b
+  assert len(setups) == 5
   assert log[:3] == ["a", "b", "c"]                       # warm-up, once each
   timed = log[3:]
   assert all(sorted(timed[3 * r:3 * r + 3]) == ["a", "b", "c"] for r in range(4))   # one of each per round
