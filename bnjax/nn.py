@@ -412,6 +412,8 @@ class MLP(linen.Module):
     kernel_init: the Dense kernels' initializer (flax's default, LeCun normal).
     dtype: the computation dtype of the Dense and BatchNorm layers (None: inferred, as in flax).
     output_activation: applied to the logits when given.
+    unbiased_running_var: each BatchNorm stores `m / (m - 1) * var` in its running variance (the paper's
+      Algorithm 2, PyTorch's convention).
 
   Reference: S. Ioffe, C. Szegedy, "Batch Normalization", ICML 2015, Section 3.2.
   """
@@ -426,6 +428,7 @@ class MLP(linen.Module):
   kernel_init: Initializer = linen.linear.default_kernel_init
   dtype: Dtype | None = None
   output_activation: Callable[[Array], Array] | None = None
+  unbiased_running_var: bool = False
 
   def __post_init__(self):
     features = self.features
@@ -512,6 +515,7 @@ class MLP(linen.Module):
       epsilon=self.epsilon,
       axis_name=self.axis_name,
       dtype=self.dtype,
+      unbiased_running_var=self.unbiased_running_var,
       name=f"BatchNorm_{i}",
     )
 

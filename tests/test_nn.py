@@ -642,3 +642,16 @@ def test_keras_article_model():
   plain_vars = jax.eval_shape(functools.partial(plain.init, train=True), jax.random.key(0), x)
   assert set(plain_vars) == {"params"}
   assert sum(v.size for v in jax.tree.leaves(plain_vars)) == 770 - 64
+
+
+def test_mlp_unbiased_running_var_reaches_every_batch_norm():
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  biased, unbiased = (bnn.MLP((4, 4, 2), norm="pre", momentum=0.0, unbiased_running_var=u)
+                      for u in (False, True))
+  variables = biased.init(jax.random.key(0), x, train=False)
+  _, b = biased.apply(variables, x, train=True, mutable=["batch_stats"])
+  _, u = unbiased.apply(variables, x, train=True, mutable=["batch_stats"])
+  for layer in ("BatchNorm_0", "BatchNorm_1"):
+    np.testing.assert_allclose(u["batch_stats"][layer]["var"],
+                               b["batch_stats"][layer]["var"] * 8 / 7, rtol=1e-5)
+    np.testing.assert_allclose(u["batch_stats"][layer]["mean"], b["batch_stats"][layer]["mean"])
