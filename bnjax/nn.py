@@ -22,6 +22,7 @@ from flax.linen import dtypes as linen_dtypes
 from flax.linen import initializers
 
 import bnjax
+from bnjax._src import errors as _errors
 
 __all__ = ["BatchNorm", "MLP", "keras_article_model"]
 
@@ -50,26 +51,8 @@ def _check_axis_spec(axis: Any, arg: str = "axis") -> None:
 
 
 def _feature_axes(ndim: int, axis: Any, arg: str = "axis") -> tuple[int, ...]:
-  """The feature axes of a rank-`ndim` input as sorted non-negative ints (the order flax uses).
-
-  Negative axes count from the end; two spellings of one axis (e.g. -1 and ndim - 1) are an error.
-  """
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-  canonical = []
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(
-        f"{arg}={axis!r} is out of range for an input of rank {ndim}: expected axes in [{-ndim}, {ndim})"
-      )
-    canonical.append(int(a) % ndim)
-  if len(set(canonical)) != len(canonical):
-    raise ValueError(f"{arg}={axis!r} names the same axis twice for an input of rank {ndim}")
-  if len(canonical) == ndim:
-    raise ValueError(
-      f"{arg}={axis!r} makes every axis of the rank-{ndim} input a feature axis: batch normalization "
-      "needs at least one axis to reduce over"
-    )
-  return tuple(sorted(canonical))
+  """The feature axes of a rank-`ndim` input as sorted non-negative ints (the order flax uses)."""
+  return _errors.feature_axes(axis, ndim, arg=arg)
 
 
 def _check_momentum(momentum: Any) -> None:

@@ -413,9 +413,9 @@ def test_constructor_errors_name_the_argument(kwargs, error, match):
 
 def test_call_errors_name_the_argument():
   x = _normal((4, 3), 0)
-  with pytest.raises(ValueError, match="axis=2 is out of range"):
+  with pytest.raises(ValueError, match="`axis`=2 is out of range"):
     jax.eval_shape(bnn.BatchNorm(use_running_average=False, axis=2).init, jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"axis=\(-1, 1\) names the same axis"):
+  with pytest.raises(ValueError, match=r"`axis`=\(-1, 1\) repeats an axis"):
     jax.eval_shape(bnn.BatchNorm(use_running_average=False, axis=(-1, 1)).init, jax.random.key(0), x)
 
 

@@ -327,5 +327,5 @@ def test_call_errors_name_the_argument():
   layer = bnnx.BatchNorm(4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_features=4"):
     jax.eval_shape(layer, jnp.ones((8, 5)))
-  with pytest.raises(ValueError, match="axis=-1 is out of range"):
+  with pytest.raises(ValueError, match="`axis`=-1 is out of range"):
     jax.eval_shape(layer, jnp.ones(()))
