@@ -1,6 +1,8 @@
-"""Combines repeated runs of `benchmarks.ops` into medians of ratios, for a machine shared with other work.
+"""Combines repeated runs of `benchmarks.ops` (or of `benchmarks.train`) into medians of ratios, for a machine
+shared with other work.
 
-  python -m benchmarks.combine benchmarks/out/ops_run1 benchmarks/out/ops_run2 ... [--out DIR]
+  python -m benchmarks.combine benchmarks/out/ops_run1 benchmarks/out/ops_run2 ... [--out DIR] [--summary]
+  python -m benchmarks.combine benchmarks/out/train_run1 benchmarks/out/train_run2 ...
 
 Each run's ratio is already the median over its rounds of per-round ratios; this takes, per case and
 implementation, the median over runs of those ratios and of the median times, and judges the targets on them.
@@ -59,13 +61,72 @@ def combine(runs: Sequence[dict[str, Any]]) -> list[ops.Row]:
   return combined
 
 
+def combine_train(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """`benchmarks.train` runs: per (mode, implementation) the median over runs of time, throughput and ratio."""
+  grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for run in runs:
+    if not run["all_checks_passed"]:
+      raise ValueError("combine: a run whose correctness checks failed cannot be combined; rerun it")
+    for row in run["rows"]:
+      grouped.setdefault((row["mode"], row["implementation"]), []).append(row)
+  combined = []
+  for rows in grouped.values():
+    row = dict(rows[0])
+    for column in ("median_ms", "examples_per_s", "x_flax", "faults_per_call", "compile_s"):
+      row[column] = _median([r[column] for r in rows])
+    row["p25_ms"] = row["p75_ms"] = None
+    row["rounds"] = sum(r["rounds"] for r in rows)
+    row["max_error"] = max(r["max_error"] for r in rows)
+    combined.append(row)
+  return combined
+
+
+def summary(rows: Sequence[ops.Row], dtype: str = "float32") -> str:
+  """A compact table: per shape and mode, bnjax against flax.linen, the best PyTorch variant and the floor.
+
+  Times are the medians over runs; "PyTorch best ms" is the PyTorch variant with the lowest of them, while the
+  "bnjax / PyTorch" ratio is the median over runs of each run's ratio to that run's fastest variant.
+  """
+  by_case: dict[str, dict[str, ops.Row]] = {}
+  for row in rows:
+    if row.dtype == dtype:
+      by_case.setdefault(row.case, {})[row.implementation] = row
+  lines = []
+  for case_rows in by_case.values():
+    bnjax, flax = case_rows.get("bnjax"), case_rows.get(ops.BASELINE)
+    floor = case_rows.get(ops.FLOOR)
+    if bnjax is None or flax is None:
+      continue
+    torch_rows = [row for row in case_rows.values() if row.family == "torch" and row.median_ms is not None]
+    torch = min(torch_rows, key=lambda row: row.median_ms) if torch_rows else None
+    ms = lambda row: "-" if row is None or row.median_ms is None else _harness.fmt_ms(row.median_ms / 1e3)
+    lines.append([bnjax.mode.replace("fwd_bwd", "fwd+bwd"), "x".join(map(str, bnjax.shape)), ms(bnjax), ms(flax),
+                  "-" if torch is None else f"{ms(torch)} ({torch.implementation})", ms(floor),
+                  _harness.fmt_ratio(bnjax.x_flax), _harness.fmt_ratio(bnjax.x_torch_best),
+                  _harness.fmt_ratio(bnjax.x_floor)])
+  return _harness.markdown_table(
+      ("mode", "shape", "bnjax ms", "flax.linen ms", "PyTorch best ms", "floor ms", "bnjax / flax",
+       "bnjax / PyTorch", "bnjax / floor"), lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.combine", description=__doc__.split("\n")[0])
   parser.add_argument("runs", nargs="+", help="directories holding a results.json of benchmarks.ops")
   parser.add_argument("--out", default=None, help="write the combined results.json / results.md here")
+  parser.add_argument("--summary", action="store_true",
+                      help="print only the compact float32 table of bnjax against flax, PyTorch and the floor")
   args = parser.parse_args(argv)
   runs = [json.loads((pathlib.Path(d) / "results.json").read_text()) for d in args.runs]
+  if {run["benchmark"] for run in runs} == {"train"}:
+    from benchmarks import train  # pylint: disable=g-import-not-at-top
+    rows = combine_train(runs)
+    info = dict(runs[0]["machine"], command=" ".join(["python -m benchmarks.combine"] + list(args.runs)))
+    print(f"Medians over {len(runs)} runs.\n" + train.render(rows, info, runs[0]["layers"]))
+    return 0
   rows = combine(runs)
+  if args.summary:
+    print(summary(rows))
+    return 0
   verdicts = ops.targets(rows)
   info = dict(runs[0]["machine"])
   info["command"] = " ".join(["python -m benchmarks.combine"] + list(args.runs))

@@ -28,7 +28,14 @@ variance. Under `vmap` the cond becomes a select and both branches run (three pa
 `proto: shifted guarded one-pass vjp`: as above with both sums taken around a shift K, the running mean
 (`stop_gradient`, known before x is read): S1 = sum(x - K), S2 = sum((x - K)^2), mean = K + S1 / m,
 var = S2 / m - (S1 / m)^2. It needs the fallback less often, but its reductions carry a broadcast operand.
+
+`proto: two-pass vjp + per-use converts`: `proto: two-pass vjp` for bfloat16 inputs, with every use of x and g
+converted to float32 on its own (behind an optimization barrier). A single shared `x.astype(float32)` that
+feeds several reductions is written out by XLA:CPU as a full-size float32 temporary (twice x's bytes, then
+read back by each reduction); separate conversions fuse into each consumer. Identical to the first for float32.
 """
+import itertools
+
 import jax
 import jax.numpy as jnp
 
@@ -45,34 +52,53 @@ def _feature_sums(*arrays):
   return tuple(jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays)
 
 
-def _two_pass_stats(x32, shift):
+def _converter(per_use: bool):
+  """x -> float32. With `per_use`, each call converts behind its own barrier: XLA then fuses the conversion
+  into each consumer instead of writing one shared full-size float32 copy of a bfloat16 input."""
+  if not per_use:
+    return lambda a: a.astype(jnp.float32)
+  uses = itertools.count()
+
+  def convert(a):
+    if a.dtype == jnp.float32:
+      return a
+    # The i-th use goes through i nested barriers: identical barriers would be merged by CSE back into one
+    # shared conversion (and a tag operand that nothing reads is dropped first).
+    for _ in range(next(uses)):
+      a = jax.lax.optimization_barrier(a)
+    return a.astype(jnp.float32)
+
+  return convert
+
+
+def _two_pass_stats(x, shift, f32):
   del shift
-  (total,) = _feature_sums(x32)
-  count = x32.size // x32.shape[-1]
+  (total,) = _feature_sums(f32(x))
+  count = x.size // x.shape[-1]
   mean = total / count
   # The barrier keeps the division out of the next reduction's fusion (XLA:CPU would otherwise write x - mean).
-  centered = x32 - jax.lax.optimization_barrier(mean)
+  centered = f32(x) - jax.lax.optimization_barrier(mean)
   (m2,) = _feature_sums(centered * centered)
   return mean, m2 / count
 
 
-def _guarded_one_pass_stats(x32, shift):
+def _guarded_one_pass_stats(x, shift, f32):
   """Mean and variance from sum(x - K), sum((x - K)^2) (K = 0 when shift is None); an exact second pass
   only if that lost bits."""
-  count = x32.size // x32.shape[-1]
+  count = x.size // x.shape[-1]
   if shift is None:
-    s1, s2 = _feature_sums(x32, x32 * x32)
+    s1, s2 = _feature_sums(f32(x), jnp.square(f32(x)))
     shift = 0.0
   else:
     # Two spellings of x - K (one through a barrier) so that XLA does not share one full-size x - K between
     # the two reductions as a temporary, but fuses the subtraction into each.
-    s1, s2 = _feature_sums(x32 - shift, jnp.square(x32 - jax.lax.optimization_barrier(shift)))
+    s1, s2 = _feature_sums(f32(x) - shift, jnp.square(f32(x) - jax.lax.optimization_barrier(shift)))
   offset = s1 / count
   mean = shift + offset
   var = jnp.maximum(s2 / count - offset * offset, 0.0)
 
   def exact(_):
-    deviation = x32 - jax.lax.optimization_barrier(mean)
+    deviation = f32(x) - jax.lax.optimization_barrier(mean)
     (m2,) = _feature_sums(deviation * deviation)
     return m2 / count
 
@@ -80,20 +106,20 @@ def _guarded_one_pass_stats(x32, shift):
   return mean, jax.lax.cond(lost_bits, exact, lambda _: var, None)
 
 
-def _unshifted_guarded_stats(x32, shift):
+def _unshifted_guarded_stats(x, shift, f32):
   del shift
-  return _guarded_one_pass_stats(x32, None)
+  return _guarded_one_pass_stats(x, None, f32)
 
 
-def _make_batch_norm(stats_fn, epsilon):
+def _make_batch_norm(stats_fn, epsilon, *, convert_per_use=False):
   """A custom_vjp batch norm over the last axis: (x, scale, bias, shift) -> (y, mean, var)."""
+  f32 = _converter(convert_per_use)
 
   def forward(x, scale, bias, shift):
-    x32 = x.astype(jnp.float32)
-    mean, var = stats_fn(x32, shift)
+    mean, var = stats_fn(x, shift, f32)
     inv_std = jax.lax.rsqrt(var + epsilon)
     a = scale * inv_std
-    y = (x32 * a + (bias - mean * a)).astype(x.dtype)
+    y = (f32(x) * a + (bias - mean * a)).astype(x.dtype)
     return (y, mean, var), (x, mean, inv_std, scale)
 
   @jax.custom_vjp
@@ -102,23 +128,22 @@ def _make_batch_norm(stats_fn, epsilon):
 
   def backward(residuals, cotangents):
     x, mean, inv_std, scale = residuals
-    g = cotangents[0].astype(jnp.float32)  # the statistics' own outputs only feed the running averages
-    x32 = x.astype(jnp.float32)
+    g = cotangents[0]  # the statistics' own outputs only feed the running averages
     count = x.size // x.shape[-1]
-    sum_g, sum_g_centered = _feature_sums(g, g * (x32 - mean))
+    sum_g, sum_g_centered = _feature_sums(f32(g), f32(g) * (f32(x) - mean))
     a = scale * inv_std
     c = -a * inv_std * inv_std * sum_g_centered / count
     d = -a * sum_g / count - c * mean
-    dx = (g * a + x32 * c + d).astype(x.dtype)
+    dx = (f32(g) * a + f32(x) * c + d).astype(x.dtype)
     return dx, inv_std * sum_g_centered, sum_g, jnp.zeros_like(mean)
 
   batch_norm.defvjp(forward, backward)
   return batch_norm
 
 
-def _build(stats_fn):
+def _build(stats_fn, **options):
   def build(case, data):
-    batch_norm = _make_batch_norm(stats_fn, data.epsilon)
+    batch_norm = _make_batch_norm(stats_fn, data.epsilon, **options)
     x, g = jnp.asarray(data.x), jnp.asarray(data.cotangent)
     params = (jnp.asarray(data.scale), jnp.asarray(data.bias))
     state = (jnp.asarray(data.mean0), jnp.asarray(data.var0))
@@ -140,4 +165,6 @@ IMPLEMENTATIONS = (
     ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
     ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
     ops.Implementation("proto: shifted guarded one-pass vjp", _build(_guarded_one_pass_stats)),
+    ops.Implementation("proto: two-pass vjp + per-use converts",
+                       _build(_two_pass_stats, convert_per_use=True)),
 )

@@ -218,7 +218,8 @@ def test_prototypes_pass_the_check_and_the_guard_keeps_the_variance_exact():
   x = 1e4 + np.random.default_rng(0).standard_normal((2048, 4)).astype(np.float32)  # one pass loses all bits
   want = np.var(x.astype(np.float64), axis=0)
   for shift in (None, jnp.zeros(4)):
-    _, var = jax.jit(prototypes._guarded_one_pass_stats)(jnp.asarray(x), shift)  # pylint: disable=protected-access
+    stats = lambda x, k: prototypes._guarded_one_pass_stats(x, k, lambda a: a)  # pylint: disable=protected-access
+    _, var = jax.jit(stats)(jnp.asarray(x), shift)
     np.testing.assert_allclose(np.asarray(var), want, rtol=1e-5)
 
 
@@ -247,3 +248,16 @@ def test_known_deviations_cover_only_their_arrays_and_never_bnjax():
                                   {"dbias"})
   assert not ops._known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})  # pylint: disable=protected-access
   assert all(deviation.implementation != "bnjax" for deviation in ops.KNOWN_DEVIATIONS)
+
+
+def test_combine_train_takes_medians_over_runs():
+  from benchmarks import combine  # pylint: disable=g-import-not-at-top
+
+  def run(ms, ratio):
+    row = dataclasses.asdict(train.Row(mode="1 device", implementation="bnjax", devices=1, batch_size=8,
+                                       layers=[4, 2], median_ms=ms, examples_per_s=8e3 / ms, x_flax=ratio,
+                                       rounds=3, check="pass", max_error=1e-7))
+    return {"all_checks_passed": True, "rows": [row]}
+
+  (row,) = combine.combine_train([run(1.0, 0.9), run(4.0, 1.2), run(2.0, 1.0)])
+  assert (row["median_ms"], row["examples_per_s"], row["x_flax"], row["rounds"]) == (2.0, 4e3, 1.0, 9)
