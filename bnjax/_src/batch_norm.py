@@ -75,7 +75,7 @@ def _normalize_with(x, mean, inv_std, scale_b, bias_b):
   """`(x - mean) * (scale * inv_std) + bias` in the accumulation dtype, cast back to x's dtype."""
   acc = mean.dtype
   multiplier = inv_std if scale_b is None else scale_b * inv_std
-  y = (x.astype(acc) - mean) * multiplier
+  y = (moments_lib.upcast(x, acc, 2) - mean) * multiplier
   if bias_b is not None:
     y = y + bias_b
   return y.astype(x.dtype)
@@ -108,7 +108,7 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
   """The linear tangent map of training-mode batch norm (see the module docstring)."""
   acc = mean.dtype
   red = moments_lib.reduction_axes(x.ndim, stat_axes)
-  x_hat = (x.astype(acc) - mean) * inv_std
+  x_hat = (moments_lib.upcast(x, acc, 3) - mean) * inv_std
   scale_b, _ = _affine_terms(scale, None, x.ndim, param_axes, x.shape, acc)
   # y's tangent is written as  gain * tx + offset + slope * x_hat,  with `offset` and `slope`
   # per-feature, so that its transpose (reverse mode) needs exactly two full-size reductions,
@@ -142,7 +142,7 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
   slope_centered = slope * inv_std
   # The barrier keeps XLA from fusing mean's own arithmetic into the subtraction, which would stop
   # the reduction over dy * (x - mean) from fusing (XLA:CPU), costing a full-size temporary.
-  centered = x.astype(acc) - jax.lax.optimization_barrier(mean)
+  centered = moments_lib.upcast(x, acc, 4) - jax.lax.optimization_barrier(mean)
   ty = offset + slope_centered * centered if ty is None else ty + offset + slope_centered * centered
   ty = jnp.broadcast_to(ty, x.shape).astype(x.dtype)
   return ty, t_mean, t_var

@@ -30,6 +30,21 @@ def accumulation_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def upcast(x, dtype, use: int):
+  """`x.astype(dtype)` for the `use`-th place that reads x, kept apart from the other places.
+
+  XLA:CPU writes one shared `convert(x)` that feeds several kernels out as a full-size temporary
+  (for bfloat16 x: twice x's bytes, written then read back by each kernel). Each use converts on
+  its own, behind `use` nested optimization barriers (identical barriers would be merged back into
+  one by CSE), so the conversion fuses into each consumer. A no-op when x already has `dtype`.
+  """
+  if x.dtype == dtype:
+    return x
+  for _ in range(use):
+    x = jax.lax.optimization_barrier(x)
+  return x.astype(dtype)
+
+
 def reduction_axes(ndim: int, kept_axes: Tuple[int, ...]) -> Tuple[int, ...]:
   return tuple(i for i in range(ndim) if i not in kept_axes)
 
@@ -58,19 +73,18 @@ def raw_moments(x, kept_axes: Tuple[int, ...], *, mask=None, axis_name: types.Ax
   """
   acc = accumulation_dtype(x.dtype)
   red = reduction_axes(x.ndim, kept_axes)
-  xf = x.astype(acc)
   if mask is None:
     n_local = jnp.asarray(math.prod(x.shape[i] for i in red), acc)
-    local_mean = jnp.sum(xf, axis=red, keepdims=True) / n_local
+    local_mean = jnp.sum(upcast(x, acc, 0), axis=red, keepdims=True) / n_local
     # The barrier keeps mean's arithmetic out of the fused reduction below, so XLA:CPU reads x once
     # for it instead of first writing a full-size (x - mean) temporary.
-    deviation = xf - jax.lax.optimization_barrier(local_mean)
+    deviation = upcast(x, acc, 1) - jax.lax.optimization_barrier(local_mean)
     local_m2 = jnp.sum(deviation * deviation, axis=red, keepdims=True)
   else:
     n_local = jnp.sum(mask, axis=red, keepdims=True, dtype=acc)
     safe_n = jnp.maximum(n_local, 1.0)
-    local_mean = jnp.sum(jnp.where(mask, xf, 0.0), axis=red, keepdims=True) / safe_n
-    deviation = jnp.where(mask, xf - jax.lax.optimization_barrier(local_mean), 0.0)
+    local_mean = jnp.sum(jnp.where(mask, upcast(x, acc, 0), 0.0), axis=red, keepdims=True) / safe_n
+    deviation = jnp.where(mask, upcast(x, acc, 1) - jax.lax.optimization_barrier(local_mean), 0.0)
     local_m2 = jnp.sum(deviation * deviation, axis=red, keepdims=True)
 
   if axis_name is None or axis_name == ():
