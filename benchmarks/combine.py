@@ -2,6 +2,7 @@
 shared with other work.
 
   python -m benchmarks.combine benchmarks/out/ops_run1 benchmarks/out/ops_run2 ... [--out DIR] [--summary]
+  python -m benchmarks.combine benchmarks/out/ops_run1 benchmarks/out/ops_run2 ... --summary --dtype bfloat16
   python -m benchmarks.combine benchmarks/out/train_run1 benchmarks/out/train_run2 ...
 
 Each run's ratio is already the median over its rounds of per-round ratios; this takes, per case and
@@ -114,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("runs", nargs="+", help="directories holding a results.json of benchmarks.ops")
   parser.add_argument("--out", default=None, help="write the combined results.json / results.md here")
   parser.add_argument("--summary", action="store_true",
-                      help="print only the compact float32 table of bnjax against flax, PyTorch and the floor")
+                      help="print only the compact table of bnjax against flax, PyTorch and the floor")
+  parser.add_argument("--dtype", default="float32", help="the dtype of the --summary table (default float32)")
   args = parser.parse_args(argv)
   runs = [json.loads((pathlib.Path(d) / "results.json").read_text()) for d in args.runs]
   if {run["benchmark"] for run in runs} == {"train"}:
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   rows = combine(runs)
   if args.summary:
-    print(summary(rows))
+    print(summary(rows, args.dtype))
     return 0
   verdicts = ops.targets(rows)
   info = dict(runs[0]["machine"])

@@ -261,3 +261,24 @@ def test_combine_train_takes_medians_over_runs():
 
   (row,) = combine.combine_train([run(1.0, 0.9), run(4.0, 1.2), run(2.0, 1.0)])
   assert (row["median_ms"], row["examples_per_s"], row["x_flax"], row["rounds"]) == (2.0, 4e3, 1.0, 9)
+
+
+def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
+  from benchmarks import combine  # pylint: disable=g-import-not-at-top
+
+  def row(dtype, implementation, ms, ratio):
+    return dataclasses.asdict(ops.Row(case=f"fwd {dtype} 8x4", mode="fwd", dtype=dtype, shape=[8, 4],
+                                      implementation=implementation, family="jax", note="", median_ms=ms,
+                                      x_flax=ratio, rounds=3, check="pass", max_errors={"y": 1e-7}))
+
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  rows = [row("float32", "bnjax", 1.0, 0.5), row("float32", ops.BASELINE, 2.0, 1.0),
+          row("bfloat16", "bnjax", 3.0, 0.25), row("bfloat16", ops.BASELINE, 12.0, 1.0)]
+  (run_dir / "results.json").write_text(json.dumps({"benchmark": "ops", "all_checks_passed": True, "rows": rows}))
+  assert combine.main([str(run_dir), "--summary", "--dtype", "bfloat16"]) == 0
+  table = capsys.readouterr().out
+  assert "0.25" in table and "0.50" not in table
+  assert combine.main([str(run_dir), "--summary"]) == 0
+  table = capsys.readouterr().out
+  assert "0.50" in table and "0.25" not in table
