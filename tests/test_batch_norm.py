@@ -291,3 +291,15 @@ def test_property_random_shapes_axes_and_masks(data):
   np.testing.assert_allclose(dx, want["dx"], atol=2e-3, rtol=1e-3)
   np.testing.assert_allclose(dparams.scale, want["dscale"], atol=1e-3, rtol=1e-4)
   np.testing.assert_allclose(new_stats.mean, 0.01 * want["mean"], atol=1e-5)
+
+
+def test_low_precision_forward_mode_matches_float32():
+  x, dy, gamma, beta, _ = _inputs((64, 4), -1, loc=20.0)
+  params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
+  _, stats = bnjax.init(4)
+  f = lambda x: bnjax.batch_norm(x, params, stats, train=True)[0]
+  xb, tb = jnp.asarray(x).astype(jnp.bfloat16), jnp.asarray(dy).astype(jnp.bfloat16)
+  _, t_low = jax.jvp(f, (xb,), (tb,))
+  _, t_ref = jax.jvp(f, (xb.astype(jnp.float32),), (tb.astype(jnp.float32),))
+  assert t_low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(t_low, np.float32), t_ref, atol=0.15, rtol=0.03)

@@ -143,8 +143,7 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
   # The barrier keeps XLA from fusing mean's own arithmetic into the subtraction, which would stop
   # the reduction over dy * (x - mean) from fusing (XLA:CPU), costing a full-size temporary.
   centered = moments_lib.upcast(x, acc, 4) - jax.lax.optimization_barrier(mean)
-  ty = offset + slope_centered * centered if ty is None else ty + offset + slope_centered * centered
-  ty = jnp.broadcast_to(ty, x.shape).astype(x.dtype)
+  ty = moments_lib.downcast_sum((ty, offset, slope_centered * centered), x.dtype, x.shape)
   return ty, t_mean, t_var
 
 

@@ -45,6 +45,28 @@ def upcast(x, dtype, use: int):
   return x.astype(dtype)
 
 
+def downcast_sum(terms, dtype, shape):
+  """`sum(terms)` broadcast to `shape` in `dtype`; for a narrower dtype, each term cast on its own.
+
+  The transpose of one shared cast is one shared conversion of the cotangent, which XLA:CPU writes
+  out as a full-size float32 temporary read by every backward kernel. Casting each term apart
+  (behind nested barriers, as in `upcast`) gives each backward kernel its own fused conversion.
+  """
+  terms = [t for t in terms if t is not None]
+  if dtype == terms[0].dtype:
+    total = terms[0]
+    for t in terms[1:]:
+      total = total + t
+    return jnp.broadcast_to(total, shape)
+  total = None
+  for use, t in enumerate(terms):
+    t = jnp.broadcast_to(t, shape).astype(dtype)
+    for _ in range(use):
+      t = jax.lax.optimization_barrier(t)
+    total = t if total is None else total + t
+  return total
+
+
 def reduction_axes(ndim: int, kept_axes: Tuple[int, ...]) -> Tuple[int, ...]:
   return tuple(i for i in range(ndim) if i not in kept_axes)
 
