@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from flax import linen
 
-import bnjax
 from bnjax import data as bn_data
 from bnjax import nn as bn_nn
 from bnjax import training

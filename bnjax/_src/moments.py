@@ -16,7 +16,7 @@ so uneven masks across devices give the statistics of the concatenated, filtered
 Reference: Chan, Golub and LeVeque, "Algorithms for computing the sample variance" (1983).
 """
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp

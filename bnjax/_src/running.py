@@ -13,7 +13,6 @@ Three rules, chosen with `running=`:
 `t` is the batch's 1-based index, `stats.count + 1`. A batch with no rows (all masked out) leaves
 the statistics and the count unchanged.
 """
-from typing import Optional
 
 import jax.numpy as jnp
 

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from bnjax._src import batch_norm as batch_norm_lib
 from bnjax._src import errors
 from bnjax._src import moments as moments_lib
-from bnjax._src import running as running_lib
 from bnjax._src import types
 
 
