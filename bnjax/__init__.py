@@ -10,6 +10,7 @@ Flax layers live in `bnjax.nn` (linen) and `bnjax.nnx`; training in `bnjax.train
 from bnjax._src.batch_norm import batch_norm
 from bnjax._src.batch_norm import init
 from bnjax._src.batch_norm import normalize
+from bnjax._src.cpu_kernel import build as build_cpu_kernels
 from bnjax._src.inference import fold_dense
 from bnjax._src.moments import moments
 from bnjax._src.running import RUNNING_RULES
@@ -26,6 +27,7 @@ __all__ = (
     "RUNNING_RULES",
     "batch_norm",
     "batch_renorm",
+    "build_cpu_kernels",
     "fold_dense",
     "init",
     "moments",

@@ -21,12 +21,14 @@ Reducing Internal Covariate Shift", ICML 2015, arXiv:1502.03167.
 """
 import functools
 import math
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from bnjax._src import cpu_kernel
 from bnjax._src import errors
 from bnjax._src import moments as moments_lib
 from bnjax._src import running as running_lib
@@ -169,6 +171,101 @@ def _train_normalize_jvp(stat_axes, param_axes, axis_name, axis_index_groups, ep
 _train_normalize.defjvp(_train_normalize_jvp, symbolic_zeros=True)
 
 
+# The same training-mode function with the CPU kernels' reductions (`implementation="cpu_kernel"`).
+# A custom_vjp, not a custom_jvp: XLA cannot transpose a kernel, so the backward is written out. It
+# is the transpose of `_train_tangents` (module docstring): one kernel for sum(g), sum(g * (x - mu)),
+# then one elementwise pass for dx.
+def _kernel_forward(x, scale, bias, view, param_axes, axis_name, axis_index_groups, epsilon):
+  stat_shape = tuple(x.shape[i] if i in param_axes else 1 for i in range(x.ndim))
+  local_mean, local_m2 = cpu_kernel.moments(x.reshape(view))
+  n_local = jnp.asarray(view[0] * view[2], jnp.float32)
+  mean, var, count = moments_lib.combine(
+      n_local, local_mean.reshape(stat_shape), local_m2.reshape(stat_shape), axis_name,
+      axis_index_groups, same_count=True)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  scale_b, bias_b = _affine_terms(scale, bias, x.ndim, param_axes, x.shape, mean.dtype)
+  y = _normalize_with(x, mean, inv_std, scale_b, bias_b)
+  return (y, mean, var, count), (x, mean, inv_std, count, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _train_normalize_kernel(x, scale, bias, view, param_axes, axis_name, axis_index_groups,
+                            epsilon):
+  return _kernel_forward(x, scale, bias, view, param_axes, axis_name, axis_index_groups,
+                         epsilon)[0]
+
+
+def _kernel_backward(view, param_axes, axis_name, axis_index_groups, epsilon, residuals,
+                     cotangents):
+  del epsilon
+  x, mean, inv_std, count, scale, bias = residuals
+  g, g_mean, g_var, _ = cotangents
+  acc = mean.dtype
+  local_sum_g, local_sum_gc = (
+      s.reshape(mean.shape) for s in cpu_kernel.backward_sums(
+          x.reshape(view), g.astype(x.dtype).reshape(view), mean.reshape(-1)))
+  sum_g, sum_gc = moments_lib.sync_sum((local_sum_g, local_sum_gc), axis_name, axis_index_groups)
+  # Cotangents follow the types of their primals, as JAX's own transposition does. Under shard_map
+  # (x typed as varying) a parameter or statistic invariant over the synchronised axes gets the
+  # whole batch's sum; a varying one, and everything under pmap and vmap (no such types), keeps
+  # this device's share, and a statistic's cotangent is summed as psum's transpose sums it.
+  typed = bool(errors.varying_axes(x))
+  names = set() if axis_name is None or axis_name == () else (
+      {axis_name} if isinstance(axis_name, str) else set(axis_name))
+  def param_sum(local, whole, param):
+    return whole if typed and not (names & errors.varying_axes(param)) else local
+  def stat_total(ct):
+    return ct if typed else moments_lib.sync_sum(ct, axis_name, axis_index_groups)
+
+  scale_b, _ = _affine_terms(scale, None, x.ndim, param_axes, x.shape, acc)
+  gain = inv_std if scale_b is None else scale_b * inv_std
+  safe_count = jnp.maximum(count, 1.0)
+  offset = (stat_total(g_mean) - gain * sum_g) / safe_count
+  slope = (2.0 * stat_total(g_var) - gain * inv_std * inv_std * sum_gc) / safe_count
+  centered = moments_lib.upcast(x, acc, 1) - jax.lax.optimization_barrier(mean)
+  dx = (gain * moments_lib.upcast(g, acc, 1) + offset + slope * centered).astype(x.dtype)
+
+  feature_shape = tuple(x.shape[a] for a in param_axes)
+  def param_ct(param, local, whole):
+    if param is None:
+      return None
+    return param_sum(local, whole, param).reshape(feature_shape).astype(param.dtype)
+  d_scale = param_ct(scale, local_sum_gc * inv_std, sum_gc * inv_std)
+  d_bias = param_ct(bias, local_sum_g, sum_g)
+  return dx, d_scale, d_bias
+
+
+_train_normalize_kernel.defvjp(_kernel_forward, _kernel_backward)
+
+
+def _kernel_view(implementation, x, axes, mask, virtual_batch_size):
+  """x's `(A, C, B)` view when `implementation` asks for the CPU kernels and they apply, else None.
+
+  They apply on the CPU backend to float32 and bfloat16 inputs whose feature axes are adjacent,
+  without `mask` or `virtual_batch_size`; everything else takes the pure-JAX path, which computes
+  the same function.
+  """
+  if implementation != "cpu_kernel":
+    return None
+  if (mask is not None or virtual_batch_size is not None or jax.default_backend() != "cpu"
+      or jnp.dtype(x.dtype) not in cpu_kernel.SUPPORTED_DTYPES):
+    return None
+  view = cpu_kernel.view_of(x.shape, axes)
+  if view is None:
+    return None
+  reason = cpu_kernel.unavailable_reason()
+  if reason is not None:
+    _warn_kernel_unavailable(reason)
+    return None
+  return view
+
+
+@functools.cache
+def _warn_kernel_unavailable(reason: str) -> None:
+  warnings.warn(f"implementation='cpu_kernel' falls back to the pure-JAX path: {reason}",
+                RuntimeWarning, stacklevel=4)
+
+
 def _check_variables(x, axes, params, stats):
   feature_shape = tuple(x.shape[a] for a in axes)
   if params is not None:
@@ -223,7 +320,8 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
                axis: types.Axis = -1, decay=0.99, epsilon: float = 1e-5,
                axis_name: types.AxisName = None, axis_index_groups=None, mask=None,
                virtual_batch_size: Optional[int] = None, unbiased_running_var: bool = False,
-               running: str = "ema") -> Tuple[jax.Array, types.BatchStats]:
+               running: str = "ema", implementation: Optional[str] = None
+               ) -> Tuple[jax.Array, types.BatchStats]:
   """Batch normalization, training or inference mode, as one pure function.
 
   `train=True` normalizes with the batch's mean and biased variance (Algorithm 1 of Ioffe &
@@ -250,6 +348,13 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
       the groups' average.
     unbiased_running_var: store `m / (m - 1) * var` in the running variance (Algorithm 2, PyTorch).
     running: `"ema"`, `"ema_debiased"` or `"cumulative"` (see `bnjax._src.running`).
+    implementation: how training mode computes its reductions. None or `"xla"`: pure JAX, on every
+      backend. `"cpu_kernel"`: on the CPU backend, bnjax's XLA FFI kernels compute the moments and
+      the backward's two sums in one read each (built with the system C++ compiler on first use,
+      see `bnjax.build_cpu_kernels`); the derivative is then reverse mode only (a custom VJP).
+      Inputs they do not cover (other backends, dtypes other than float32 and bfloat16,
+      non-adjacent feature axes, `mask`, `virtual_batch_size`) take the pure-JAX path, and so does
+      everything if the kernels cannot be built (with a warning).
 
   Returns:
     `(y, new_stats)`: y with x's shape and dtype; new_stats like `stats`.
@@ -268,6 +373,8 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
     mask = errors.mask_to_input_rank(mask, x.shape, axes)
   if not isinstance(train, bool):
     raise TypeError(f"`train` must be a Python bool (it selects the computation), got {train!r}.")
+  if implementation not in (None, "xla", "cpu_kernel"):
+    raise ValueError(f"`implementation` must be None, 'xla' or 'cpu_kernel', got {implementation!r}.")
   if not train:
     return normalize(x, stats.mean, stats.var, params, axis=axes, epsilon=epsilon), stats
 
@@ -302,9 +409,14 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
     stat_axes = (0,) + param_axes
     stat_axis_name = None  # ghost batches are local to each device
   groups_arg = None if axis_index_groups is None else tuple(tuple(g) for g in axis_index_groups)
-  y, mean, var, count = _train_normalize(
-      xg, scale, bias, mask_g, stat_axes, param_axes, stat_axis_name,
-      groups_arg if stat_axis_name is not None else None, float(epsilon))
+  groups_arg = groups_arg if stat_axis_name is not None else None
+  view = _kernel_view(implementation, x, axes, mask, virtual_batch_size)
+  if view is None:
+    y, mean, var, count = _train_normalize(xg, scale, bias, mask_g, stat_axes, param_axes,
+                                           stat_axis_name, groups_arg, float(epsilon))
+  else:
+    y, mean, var, count = _train_normalize_kernel(x, scale, bias, view, axes, axis_name,
+                                                  groups_arg, float(epsilon))
   y = y.reshape(x.shape)
 
   if unbiased_running_var:

@@ -143,14 +143,19 @@ def axis_size(axis_name: types.AxisName, axis_index_groups=None) -> int:
   return size
 
 
-def check_mapped_axes(x, axis_name: types.AxisName) -> None:
-  """Under shard_map, an input that varies over a mesh axis that is not synchronised is an error."""
+def varying_axes(x) -> frozenset:
+  """The manual (shard_map) mesh axes over which x's type says it varies; empty elsewhere."""
   try:
     aval = jax.typeof(x)
-  except AttributeError:  # jax without typeof: nothing to check
-    return
+  except AttributeError:  # jax without typeof
+    return frozenset()
   manual = getattr(aval, "manual_axis_type", None)
-  varying = set(getattr(manual, "varying", None) or getattr(aval, "vma", None) or ())
+  return frozenset(getattr(manual, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def check_mapped_axes(x, axis_name: types.AxisName) -> None:
+  """Under shard_map, an input that varies over a mesh axis that is not synchronised is an error."""
+  varying = set(varying_axes(x))
   if not varying:
     return
   names = set() if axis_name is None else (

@@ -109,12 +109,23 @@ def raw_moments(x, kept_axes: Tuple[int, ...], *, mask=None, axis_name: types.Ax
     deviation = jnp.where(mask, upcast(x, acc, 1) - jax.lax.optimization_barrier(local_mean), 0.0)
     local_m2 = jnp.sum(deviation * deviation, axis=red, keepdims=True)
 
+  return combine(n_local, local_mean, local_m2, axis_name, axis_index_groups,
+                 same_count=mask is None)
+
+
+def combine(n_local, local_mean, local_m2, axis_name: types.AxisName, axis_index_groups=None, *,
+            same_count: bool):
+  """`(mean, var, count)` of the whole batch from each device's `(n, mean, M2)` (Chan et al.).
+
+  `same_count`: every device has `n_local` rows (no mask), so the counts need no all-reduce.
+  Without an `axis_name` this is the local `(mean, M2 / n, n)`.
+  """
   if axis_name is None or axis_name == ():
     count = n_local
     return local_mean, local_m2 / jnp.maximum(count, 1.0), count
 
   # Chan's combination: one all-reduce for (sum of x, count), one for M2.
-  if mask is None:
+  if same_count:
     count = n_local * errors.axis_size(axis_name, axis_index_groups)
     total = sync_sum(n_local * local_mean, axis_name, axis_index_groups)
   else:
