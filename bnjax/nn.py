@@ -116,6 +116,7 @@ def _check_common(
   virtual_batch_size: Any,
   unbiased_running_var: Any,
   running: Any,
+  implementation: Any = None,
 ) -> None:
   """The constructor checks common to the linen and nnx layers."""
   _check_axis_spec(axis)
@@ -128,6 +129,8 @@ def _check_common(
   _check_virtual_batch_size(virtual_batch_size)
   _check_bool(unbiased_running_var, "unbiased_running_var")
   _check_running(running)
+  if implementation not in (None, "xla", "cpu_kernel"):
+    raise ValueError(f"implementation must be None, 'xla' or 'cpu_kernel', got {implementation!r}")
 
 
 def _core_mask(mask: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> Array | None:
@@ -245,6 +248,8 @@ class BatchNorm(linen.Module):
     virtual_batch_size: keyword-only; ghost batch size, or None for the whole batch.
     unbiased_running_var: keyword-only; store the unbiased batch variance in the running variance.
     running: keyword-only; the running-statistics rule, one of `bnjax.RUNNING_RULES`.
+    implementation: keyword-only; None / "xla" (pure JAX) or "cpu_kernel" (bnjax's CPU kernels for the
+      training-mode reductions; see `bnjax.batch_norm`).
 
   Reference: S. Ioffe, C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
   Internal Covariate Shift", ICML 2015, Algorithms 1 and 2.
@@ -268,6 +273,7 @@ class BatchNorm(linen.Module):
   virtual_batch_size: int | None = None
   unbiased_running_var: bool = False
   running: str = "ema"
+  implementation: str | None = None
 
   def __post_init__(self):
     _check_optional_bool(self.use_running_average, "use_running_average")
@@ -283,6 +289,7 @@ class BatchNorm(linen.Module):
       virtual_batch_size=self.virtual_batch_size,
       unbiased_running_var=self.unbiased_running_var,
       running=self.running,
+      implementation=self.implementation,
     )
     _check_bool(self.force_float32_reductions, "force_float32_reductions")
     super().__post_init__()
@@ -352,6 +359,7 @@ class BatchNorm(linen.Module):
       virtual_batch_size=self.virtual_batch_size if train else None,
       unbiased_running_var=self.unbiased_running_var,
       running=self.running,
+      implementation=self.implementation,
     )
     if train and not initializing:
       ra_mean.value = new_stats.mean.astype(stats_dtype)
@@ -397,6 +405,7 @@ class MLP(linen.Module):
     output_activation: applied to the logits when given.
     unbiased_running_var: each BatchNorm stores `m / (m - 1) * var` in its running variance (the paper's
       Algorithm 2, PyTorch's convention).
+    implementation: each BatchNorm's `implementation` (None: pure JAX; "cpu_kernel": bnjax's CPU kernels).
 
   Reference: S. Ioffe, C. Szegedy, "Batch Normalization", ICML 2015, Section 3.2.
   """
@@ -412,6 +421,7 @@ class MLP(linen.Module):
   dtype: Dtype | None = None
   output_activation: Callable[[Array], Array] | None = None
   unbiased_running_var: bool = False
+  implementation: str | None = None
 
   def __post_init__(self):
     features = self.features
@@ -430,6 +440,8 @@ class MLP(linen.Module):
     _check_momentum(self.momentum)
     _check_epsilon(self.epsilon)
     _check_axis_name(self.axis_name, None)
+    if self.implementation not in (None, "xla", "cpu_kernel"):
+      raise ValueError(f"implementation must be None, 'xla' or 'cpu_kernel', got {self.implementation!r}")
     super().__post_init__()
 
   def _normalized_layers(self) -> frozenset[int]:
@@ -499,6 +511,7 @@ class MLP(linen.Module):
       axis_name=self.axis_name,
       dtype=self.dtype,
       unbiased_running_var=self.unbiased_running_var,
+      implementation=self.implementation,
       name=f"BatchNorm_{i}",
     )
 

@@ -101,6 +101,8 @@ class BatchNorm(nnx.Module):
     virtual_batch_size: ghost batch size, or None for the whole batch.
     unbiased_running_var: store the unbiased batch variance in the running variance.
     running: the running-statistics rule, one of `bnjax.RUNNING_RULES`.
+    implementation: None / "xla" (pure JAX) or "cpu_kernel" (bnjax's CPU kernels for the training-mode
+      reductions; see `bnjax.batch_norm`).
 
   Reference: S. Ioffe, C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
   Internal Covariate Shift", ICML 2015.
@@ -130,6 +132,7 @@ class BatchNorm(nnx.Module):
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     running: str = "ema",
+    implementation: str | None = None,
   ):
     feature_shape = _check_num_features(num_features)
     _nn._check_optional_bool(use_running_average, "use_running_average")
@@ -145,6 +148,7 @@ class BatchNorm(nnx.Module):
       virtual_batch_size=virtual_batch_size,
       unbiased_running_var=unbiased_running_var,
       running=running,
+      implementation=implementation,
     )
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
@@ -181,6 +185,7 @@ class BatchNorm(nnx.Module):
     self.virtual_batch_size = virtual_batch_size
     self.unbiased_running_var = unbiased_running_var
     self.running = running
+    self.implementation = implementation
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
     """Normalizes `x` with the batch's statistics (training) or the running ones (evaluation).
@@ -234,6 +239,7 @@ class BatchNorm(nnx.Module):
       virtual_batch_size=self.virtual_batch_size if train else None,
       unbiased_running_var=self.unbiased_running_var,
       running=self.running,
+      implementation=self.implementation,
     )
     if train:
       # The running statistics are state, not a function to differentiate through.
