@@ -138,6 +138,9 @@ def machine_info() -> dict[str, Any]:
       "versions": {name: _version(name) for name in
                    ("jax", "jaxlib", "flax", "optax", "haiku", "equinox", "torch", "numpy", "bnjax")},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      # glibc.malloc.hugetlb=1 backs large buffers with transparent huge pages, which changes the cost of
+      # every fresh output buffer (see RESULTS.md); the same setting applies to every implementation of a run.
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "load_average": os.getloadavg(),
       "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join([os.path.basename(sys.executable), "-m", _module_name()] + sys.argv[1:]),
@@ -153,8 +156,9 @@ def _module_name() -> str:
 def machine_line(info: Mapping[str, Any]) -> str:
   """One line naming the machine and versions, for the head of a markdown report."""
   versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
+  tunables = f"; GLIBC_TUNABLES={info['glibc_tunables']}" if info.get("glibc_tunables") else ""
   return (f"{info['cpu_model']}, {info['usable_cores']} cores; {versions}; "
-          f"load average at start {info['load_average'][0]:.2f}")
+          f"load average at start {info['load_average'][0]:.2f}{tunables}")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

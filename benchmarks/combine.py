@@ -94,20 +94,21 @@ def summary(rows: Sequence[ops.Row], dtype: str = "float32") -> str:
       by_case.setdefault(row.case, {})[row.implementation] = row
   lines = []
   for case_rows in by_case.values():
-    bnjax, flax = case_rows.get("bnjax"), case_rows.get(ops.BASELINE)
-    floor = case_rows.get(ops.FLOOR)
-    if bnjax is None or flax is None:
-      continue
+    flax, floor = case_rows.get(ops.BASELINE), case_rows.get(ops.FLOOR)
     torch_rows = [row for row in case_rows.values() if row.family == "torch" and row.median_ms is not None]
     torch = min(torch_rows, key=lambda row: row.median_ms) if torch_rows else None
     ms = lambda row: "-" if row is None or row.median_ms is None else _harness.fmt_ms(row.median_ms / 1e3)
-    lines.append([bnjax.mode.replace("fwd_bwd", "fwd+bwd"), "x".join(map(str, bnjax.shape)), ms(bnjax), ms(flax),
-                  "-" if torch is None else f"{ms(torch)} ({torch.implementation})", ms(floor),
-                  _harness.fmt_ratio(bnjax.x_flax), _harness.fmt_ratio(bnjax.x_torch_best),
-                  _harness.fmt_ratio(bnjax.x_floor)])
+    for name in ops.BNJAX:
+      bnjax = case_rows.get(name)
+      if bnjax is None or flax is None:
+        continue
+      lines.append([bnjax.mode.replace("fwd_bwd", "fwd+bwd"), "x".join(map(str, bnjax.shape)), name, ms(bnjax),
+                    ms(flax), "-" if torch is None else f"{ms(torch)} ({torch.implementation})", ms(floor),
+                    _harness.fmt_ratio(bnjax.x_flax), _harness.fmt_ratio(bnjax.x_torch_best),
+                    _harness.fmt_ratio(bnjax.x_floor)])
   return _harness.markdown_table(
-      ("mode", "shape", "bnjax ms", "flax.linen ms", "PyTorch best ms", "floor ms", "bnjax / flax",
-       "bnjax / PyTorch", "bnjax / floor"), lines)
+      ("mode", "shape", "bnjax implementation", "bnjax ms", "flax.linen ms", "PyTorch best ms", "floor ms",
+       "bnjax / flax", "bnjax / PyTorch", "bnjax / floor"), lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,7 @@ DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "fwd_bwd")
 DECAY = 0.99
 EPSILON = 1e-5
+BNJAX = ("bnjax", "bnjax cpu_kernel")  # bnjax's default (pure JAX) path and its opt-in CPU kernels
 BASELINE = "flax.linen"            # ratios "x flax" are against flax.linen.BatchNorm with its defaults
 FLOOR = "floor"
 
@@ -181,7 +182,7 @@ def _device_inputs(data: CaseData):
   return jnp.asarray(data.x), jnp.asarray(data.cotangent)
 
 
-def build_bnjax(case: Case, data: CaseData) -> Prepared:
+def build_bnjax(case: Case, data: CaseData, *, implementation: str | None = None) -> Prepared:
   import bnjax  # pylint: disable=g-import-not-at-top
   x, g = _device_inputs(data)
   params, stats = bnjax.init(data.scale.shape)
@@ -189,7 +190,8 @@ def build_bnjax(case: Case, data: CaseData) -> Prepared:
   stats = stats._replace(mean=jnp.asarray(data.mean0), var=jnp.asarray(data.var0))
 
   def forward(x, params, stats):
-    return bnjax.batch_norm(x, params, stats, train=True, axis=-1, decay=data.decay, epsilon=data.epsilon)
+    return bnjax.batch_norm(x, params, stats, train=True, axis=-1, decay=data.decay, epsilon=data.epsilon,
+                            implementation=implementation)
 
   return _jax_prepared(case, forward, x, params, stats, g,
                        running=lambda s: (s.mean, s.var), param_grads=lambda p: (p.scale, p.bias),
@@ -472,6 +474,7 @@ def _known_deviation(case: Case, implementation: str, failing: set[str]) -> Know
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("bnjax", build_bnjax),
+    Implementation("bnjax cpu_kernel", functools.partial(build_bnjax, implementation="cpu_kernel")),
     Implementation("flax.linen", build_flax_linen),
     Implementation("flax.linen two-pass", build_flax_linen_two_pass),
     Implementation("flax.nnx", build_flax_nnx),
@@ -622,10 +625,11 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
   verdicts = []
   for mode, column, bound, description in TARGETS:
     for row in rows:
-      if row.implementation != "bnjax" or row.mode != mode or row.dtype != "float32":
+      if row.implementation not in BNJAX or row.mode != mode or row.dtype != "float32":
         continue
       value = getattr(row, column)
-      verdicts.append({"target": description, "shape": row.shape, "ratio": value, "bound": bound,
+      verdicts.append({"target": description, "implementation": row.implementation, "shape": row.shape,
+                       "ratio": value, "bound": bound,
                        "met": None if value is None else value <= bound})
   return verdicts
 
@@ -635,8 +639,8 @@ def render(rows: Sequence[Row], verdicts: Sequence[dict[str, Any]], info: dict[s
   lines.append(_harness.markdown_table(HEADERS, [_row_cells(row) for row in rows]))
   if verdicts:
     lines += ["", _harness.markdown_table(
-        ("target (float32)", "shape", "bnjax ratio", "met"),
-        [(v["target"], "x".join(map(str, v["shape"])), _harness.fmt_ratio(v["ratio"]),
+        ("target (float32)", "implementation", "shape", "ratio", "met"),
+        [(v["target"], v["implementation"], "x".join(map(str, v["shape"])), _harness.fmt_ratio(v["ratio"]),
           {True: "yes", False: "NO", None: "-"}[v["met"]]) for v in verdicts])]
   failures = [row for row in rows if row.check in ("FAIL", "ERROR")]
   if failures:

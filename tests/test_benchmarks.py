@@ -152,7 +152,7 @@ def test_train_quick_every_configuration_runs_and_passes(tmp_path):
   results = _load(tmp_path)
   rows = results["rows"]
   assert {(row["mode"], row["implementation"]) for row in rows} == {
-      (mode, name) for mode in train.MODES for name in ("bnjax", train.BASELINE)}
+      (mode, name) for mode in train.MODES for name in train.IMPLEMENTATIONS}
   assert all(row["check"] == "pass" for row in rows), [(r["mode"], r["implementation"], r["error"]) for r in rows]
   assert {row["mode"]: row["devices"] for row in rows} == train.WORKER_DEVICES
   assert all(row["examples_per_s"] > 0 and row["rounds"] == results["rounds"] for row in rows)
