@@ -351,7 +351,8 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
     implementation: how training mode computes its reductions. None or `"xla"`: pure JAX, on every
       backend. `"cpu_kernel"`: on the CPU backend, bnjax's XLA FFI kernels compute the moments and
       the backward's two sums in one read each (built with the system C++ compiler on first use,
-      see `bnjax.build_cpu_kernels`); the derivative is then reverse mode only (a custom VJP).
+      see `bnjax.build_cpu_kernels`); its derivative is a custom VJP: first-order reverse mode
+      (`grad`, `vjp`) only, no `jvp`, `hessian` or grad of grad (use the default for those).
       Inputs they do not cover (other backends, dtypes other than float32 and bfloat16,
       non-adjacent feature axes, `mask`, `virtual_batch_size`) take the pure-JAX path, and so does
       everything if the kernels cannot be built (with a warning).

@@ -213,6 +213,7 @@ _partitioned_backward_sums.def_partition(
 @custom_vmap
 def moments(x3) -> Tuple[jax.Array, jax.Array]:
   """`(mean, m2)` of x3 `(A, C, B)` per feature C over A and B (`m2 = sum((x - mean)^2)`): float32 `(C,)`."""
+  load()
   return _partitioned_moments(x3)
 
 
@@ -236,4 +237,5 @@ def _backward_sums_vmap(axis_size, in_batched, x3, g3, mean):
 
 def backward_sums(x3, g3, mean) -> Tuple[jax.Array, jax.Array]:
   """`(sum(g), sum(g * (x - mean)))` per feature over A and B: float32 `(C,)` each."""
+  load()
   return _backward_sums(x3, g3, mean.astype(jnp.float32))

@@ -68,6 +68,9 @@ int64_t Partitions(int64_t rows, int64_t bytes_per_row) {
   return std::clamp<int64_t>(by_size, 1, std::min<int64_t>(rows, 16));
 }
 
+// The longest stretch of values summed in float32 before the sum moves to float64.
+constexpr int64_t kRunBlock = 4096;
+
 int64_t ChunkRows(int64_t bytes_per_row) {
   constexpr int64_t kChunkBytes = 32 * 1024;
   return std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(bytes_per_row, 1), 1, 256);
@@ -116,20 +119,28 @@ void Moments(ffi::ThreadPool& pool, const T* x, int64_t A, int64_t C, int64_t B,
         n += rows;
       }
     } else {
+      // Each run of B values is taken in blocks short enough for float32 sums, merged in float64.
       for (int64_t a = a0; a < a1; ++a) {
         for (int64_t c = 0; c < C; ++c) {
           const T* run = x + (a * C + c) * B;
-          float s = 0.0f;
+          double run_n = 0.0, run_mean = 0.0, run_m2 = 0.0;
+          for (int64_t b0 = 0; b0 < B; b0 += kRunBlock) {
+            int64_t len = std::min(kRunBlock, B - b0);
+            const T* block = run + b0;
+            float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t b = 0; b < B; ++b) s += Load(run, b);
-          float run_mean = s / static_cast<float>(B);
-          float q = 0.0f;
+            for (int64_t b = 0; b < len; ++b) s += Load(block, b);
+            float block_mean = s / static_cast<float>(len);
+            float q = 0.0f;
 #pragma omp simd reduction(+ : q)
-          for (int64_t b = 0; b < B; ++b) {
-            float d = Load(run, b) - run_mean;
-            q += d * d;
+            for (int64_t b = 0; b < len; ++b) {
+              float d = Load(block, b) - block_mean;
+              q += d * d;
+            }
+            Merge(run_n, run_mean, run_m2, static_cast<double>(len), block_mean, q);
+            run_n += static_cast<double>(len);
           }
-          Merge(n, mean[c], m2[c], static_cast<double>(B), run_mean, q);
+          Merge(n, mean[c], m2[c], run_n, run_mean, run_m2);
         }
         n += static_cast<double>(B);
       }
@@ -182,15 +193,19 @@ void BackwardSums(ffi::ThreadPool& pool, const T* x, const T* g, const float* mu
         for (int64_t c = 0; c < C; ++c) {
           const T* xr = x + (a * C + c) * B;
           const T* gr = g + (a * C + c) * B;
-          float m = mu[c], s = 0.0f, sc = 0.0f;
+          float m = mu[c];
+          for (int64_t b0 = 0; b0 < B; b0 += kRunBlock) {
+            int64_t b1 = std::min(B, b0 + kRunBlock);
+            float s = 0.0f, sc = 0.0f;
 #pragma omp simd reduction(+ : s, sc)
-          for (int64_t b = 0; b < B; ++b) {
-            float gv = Load(gr, b);
-            s += gv;
-            sc += gv * (Load(xr, b) - m);
+            for (int64_t b = b0; b < b1; ++b) {
+              float gv = Load(gr, b);
+              s += gv;
+              sc += gv * (Load(xr, b) - m);
+            }
+            total_g[c] += s;
+            total_gc[c] += sc;
           }
-          total_g[c] += s;
-          total_gc[c] += sc;
         }
       }
     }
