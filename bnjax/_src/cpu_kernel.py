@@ -97,7 +97,12 @@ def build() -> str:
   path = _library_path(compiler)
   if path.exists():
     return str(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise KernelUnavailableError(
+        f"cannot create the kernel cache folder {path.parent} ({e}); set $BNJAX_CACHE_DIR to a "
+        "writable folder.") from e
   # Built under a temporary name and renamed, so concurrent processes never load a partial file.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)

@@ -63,7 +63,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
 }
 
 int64_t Partitions(int64_t rows, int64_t bytes_per_row) {
-  constexpr int64_t kBytesPerPartition = 4 * 1024 * 1024;
+  constexpr int64_t kBytesPerPartition = 512 * 1024;
   int64_t by_size = (rows * bytes_per_row) / kBytesPerPartition;
   return std::clamp<int64_t>(by_size, 1, std::min<int64_t>(rows, 16));
 }
