@@ -78,6 +78,29 @@ def test_kernels_match_float64_numpy(view, dtype):
                              atol=1e-5 * np.abs(terms_gc).sum((0, 2)).max())
 
 
+@DTYPES
+@pytest.mark.parametrize("view", VIEWS, ids=str)
+def test_fused_backward_matches_float64_numpy(view, dtype):
+  x, g, mu = _kernel_inputs(view, dtype)
+  rng = np.random.default_rng(1)
+  gain, mean_coef, proj_coef, offset0, slope0 = (
+      jnp.asarray(rng.normal(0.0, 1.0, view[1]), jnp.float32) for _ in range(5))
+  dx, sum_g, sum_gc = jax.jit(cpu_kernel.backward)(x, g, mu, gain, mean_coef, proj_coef, offset0,
+                                                   slope0)
+  assert dx.dtype == x.dtype and dx.shape == x.shape
+  x64, g64 = _as_f64(x), _as_f64(g)
+  col = lambda v: _as_f64(v)[None, :, None]
+  want_g, want_gc = g64.sum((0, 2)), (g64 * (x64 - col(mu))).sum((0, 2))
+  chex.assert_trees_all_close((sum_g, sum_gc), (want_g, want_gc), rtol=1e-4,
+                              atol=1e-4 * np.abs(g64 * x64).sum((0, 2)).max())
+  offset = col(offset0) - col(mean_coef) * want_g[None, :, None]
+  slope = col(slope0) - col(proj_coef) * want_gc[None, :, None]
+  want_dx = col(gain) * g64 + offset + slope * (x64 - col(mu))
+  # float32: a few ulps of the largest term; bfloat16: dx is rounded to 8 bits like XLA's convert.
+  tol = 1e-4 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(_as_f64(dx), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max())
+
+
 @pytest.mark.parametrize("view", [(4100, 17, 1), (33, 3, 50), (50003, 40, 1)], ids=str)
 def test_moments_stay_exact_when_the_mean_dwarfs_the_spread(view):
   x = (1e4 + np.random.default_rng(1).normal(0.0, 1.0, view)).astype(np.float32)
@@ -183,10 +206,10 @@ def _lowered(x, params, stats, w, stat_w, **kw):
 def test_kernels_are_in_the_compiled_program(shape, axis):
   args = _problem(shape, axis)
   forward, grad = _lowered(*args, axis=axis, implementation="cpu_kernel")
-  assert "bnjax_moments" in forward and "bnjax_backward_sums" not in forward
-  assert "bnjax_moments" in grad and "bnjax_backward_sums" in grad
+  assert "bnjax_moments" in forward and "bnjax_backward" not in forward
+  assert "bnjax_moments" in grad and "@bnjax_backward(" in grad
   for text in _lowered(*args, axis=axis, implementation="xla"):
-    assert "bnjax_moments" not in text and "bnjax_backward_sums" not in text
+    assert "bnjax_moments" not in text and "bnjax_backward" not in text
 
 
 FALLBACKS = {
@@ -202,7 +225,7 @@ def test_uncovered_cases_fall_back_to_the_default_path(case):
   shape, axis, dtype, kw = FALLBACKS[case]
   args = _problem(shape, axis, dtype)
   for text in _lowered(*args, axis=axis, implementation="cpu_kernel", **kw):
-    assert "bnjax_moments" not in text and "bnjax_backward_sums" not in text
+    assert "bnjax_moments" not in text and "bnjax_backward" not in text
   got = _outputs(*args, axis=axis, implementation="cpu_kernel", **kw)
   chex.assert_trees_all_close(got, _outputs(*args, axis=axis, **kw), atol=1e-6, rtol=1e-6)
 

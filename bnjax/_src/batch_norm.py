@@ -173,8 +173,8 @@ _train_normalize.defjvp(_train_normalize_jvp, symbolic_zeros=True)
 
 # The same training-mode function with the CPU kernels' reductions (`implementation="cpu_kernel"`).
 # A custom_vjp, not a custom_jvp: XLA cannot transpose a kernel, so the backward is written out. It
-# is the transpose of `_train_tangents` (module docstring): one kernel for sum(g), sum(g * (x - mu)),
-# then one elementwise pass for dx.
+# is the transpose of `_train_tangents` (module docstring): sum(g) and sum(g * (x - mu)), then dx, in
+# one kernel call on one device's batch; with an axis_name, the sums' kernel, an all-reduce, then dx.
 def _kernel_forward(x, scale, bias, view, param_axes, axis_name, axis_index_groups, epsilon):
   stat_shape = tuple(x.shape[i] if i in param_axes else 1 for i in range(x.ndim))
   local_mean, local_m2 = cpu_kernel.moments(x.reshape(view))
@@ -200,11 +200,9 @@ def _kernel_backward(view, param_axes, axis_name, axis_index_groups, epsilon, re
   del epsilon
   x, mean, inv_std, count, scale, bias = residuals
   g, g_mean, g_var, _ = cotangents
-  acc = mean.dtype
-  local_sum_g, local_sum_gc = (
-      s.reshape(mean.shape) for s in cpu_kernel.backward_sums(
-          x.reshape(view), g.astype(x.dtype).reshape(view), mean.reshape(-1)))
-  sum_g, sum_gc = moments_lib.sync_sum((local_sum_g, local_sum_gc), axis_name, axis_index_groups)
+  scale_b, _ = _affine_terms(scale, None, x.ndim, param_axes, x.shape, mean.dtype)
+  gain = inv_std if scale_b is None else scale_b * inv_std
+  safe_count = jnp.maximum(count, 1.0)
   # Cotangents follow the types of their primals, as JAX's own transposition does. Under shard_map
   # (x typed as varying) a parameter or statistic invariant over the synchronised axes gets the
   # whole batch's sum; a varying one, and everything under pmap and vmap (no such types), keeps
@@ -217,13 +215,26 @@ def _kernel_backward(view, param_axes, axis_name, axis_index_groups, epsilon, re
   def stat_total(ct):
     return ct if typed else moments_lib.sync_sum(ct, axis_name, axis_index_groups)
 
-  scale_b, _ = _affine_terms(scale, None, x.ndim, param_axes, x.shape, acc)
-  gain = inv_std if scale_b is None else scale_b * inv_std
-  safe_count = jnp.maximum(count, 1.0)
-  offset = (stat_total(g_mean) - gain * sum_g) / safe_count
-  slope = (2.0 * stat_total(g_var) - gain * inv_std * inv_std * sum_gc) / safe_count
-  centered = moments_lib.upcast(x, acc, 1) - jax.lax.optimization_barrier(mean)
-  dx = (gain * moments_lib.upcast(g, acc, 1) + offset + slope * centered).astype(x.dtype)
+  # dx = gain * g + offset + slope * (x - mean), per feature:
+  mean_coef = gain / safe_count                          # offset = offset0 - mean_coef * sum(g)
+  proj_coef = gain * inv_std * inv_std / safe_count      # slope = slope0 - proj_coef * sum(g (x - mean))
+  offset0 = stat_total(g_mean) / safe_count
+  slope0 = 2.0 * stat_total(g_var) / safe_count
+  coefficients = [jnp.broadcast_to(v, mean.shape).reshape(-1)
+                  for v in (mean, gain, mean_coef, proj_coef, offset0, slope0)]
+  x3, g3 = x.reshape(view), g.astype(x.dtype).reshape(view)
+  if not names:
+    # One device's batch: the sums and dx in a single kernel call.
+    dx3, local_sum_g, local_sum_gc = cpu_kernel.backward(x3, g3, *coefficients)
+    sum_g, sum_gc = local_sum_g, local_sum_gc
+  else:
+    local_sum_g, local_sum_gc = cpu_kernel.backward_sums(x3, g3, coefficients[0])
+    sum_g, sum_gc = moments_lib.sync_sum((local_sum_g, local_sum_gc), axis_name,
+                                         axis_index_groups)
+    dx3 = cpu_kernel.dx_from_sums(x3, g3, *coefficients, sum_g, sum_gc)
+  dx = dx3.reshape(x.shape)
+  local_sum_g, local_sum_gc, sum_g, sum_gc = (
+      v.reshape(mean.shape) for v in (local_sum_g, local_sum_gc, sum_g, sum_gc))
 
   feature_shape = tuple(x.shape[a] for a in param_axes)
   def param_ct(param, local, whole):

@@ -40,7 +40,8 @@ from jax.sharding import PartitionSpec as P
 from bnjax._src import moments as moments_lib
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
-_TARGETS = {"bnjax_moments": "BnjaxMoments", "bnjax_backward_sums": "BnjaxBackwardSums"}
+_TARGETS = {"bnjax_moments": "BnjaxMoments", "bnjax_backward_sums": "BnjaxBackwardSums",
+            "bnjax_backward": "BnjaxBackward"}
 # -march=native: the library is built on, and cached for, the machine that runs it.
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -153,6 +154,23 @@ def _ffi_backward_sums(x3, g3, mean):
   return jax.ffi.ffi_call("bnjax_backward_sums", (out, out), vmap_method="sequential")(x3, g3, mean)
 
 
+def _ffi_backward(x3, g3, mean, gain, mean_coef, proj_coef, offset0, slope0):
+  sums = jax.ShapeDtypeStruct((x3.shape[1],), jnp.float32)
+  return jax.ffi.ffi_call(
+      "bnjax_backward", (jax.ShapeDtypeStruct(x3.shape, x3.dtype), sums, sums),
+      vmap_method="sequential")(x3, g3, mean, gain, mean_coef, proj_coef, offset0, slope0)
+
+
+def dx_from_sums(x3, g3, mean, gain, mean_coef, proj_coef, offset0, slope0, sum_g, sum_gc):
+  """The elementwise half of `bnjax_backward` in XLA, given the (synchronised) sums."""
+  per_feature = lambda v: v.reshape(1, -1, 1)
+  offset = per_feature(offset0 - mean_coef * sum_g)
+  slope = per_feature(slope0 - proj_coef * sum_gc)
+  dx = (per_feature(gain) * g3.astype(jnp.float32) + offset
+        + slope * (x3.astype(jnp.float32) - per_feature(mean)))
+  return dx.astype(x3.dtype)
+
+
 def _spec3(sharding):
   spec = tuple(sharding.spec) + (None,) * 3
   return spec[:3]
@@ -198,6 +216,29 @@ def _partition_backward_sums(mesh, arg_shapes, result_shape):
   return mesh, lower, (out, out), (NamedSharding(mesh, P(*spec)),) * 2 + (out,)
 
 
+def _partition_backward(mesh, arg_shapes, result_shape):
+  del result_shape
+  spec = _spec3(arg_shapes[0].sharding)
+  reduced = _mesh_axes(spec[0], spec[2])
+
+  def lower(x3, g3, mean, *coefficients):
+    if not reduced:
+      return _ffi_backward(x3, g3, mean, *coefficients)
+    # The shards' sums must be added up before dx: the two halves of the kernel, with an all-reduce.
+    sum_g, sum_gc = moments_lib.sync_sum(_ffi_backward_sums(x3, g3, mean), reduced)
+    return dx_from_sums(x3, g3, mean, *coefficients, sum_g, sum_gc), sum_g, sum_gc
+
+  x_sharding, features = NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(spec[1]))
+  return mesh, lower, (x_sharding, features, features), (x_sharding,) * 2 + (features,) * 6
+
+
+def _infer_backward_sharding(mesh, arg_shapes, result_shape):
+  del result_shape
+  spec = _spec3(arg_shapes[0].sharding)
+  features = NamedSharding(mesh, P(spec[1]))
+  return NamedSharding(mesh, P(*spec)), features, features
+
+
 def _infer_features_sharding(mesh, arg_shapes, result_shape):
   del result_shape
   out = NamedSharding(mesh, P(_spec3(arg_shapes[0].sharding)[1]))
@@ -212,6 +253,12 @@ _partitioned_backward_sums = custom_partitioning(_ffi_backward_sums)
 _partitioned_backward_sums.def_partition(
     partition=_partition_backward_sums, infer_sharding_from_operands=_infer_features_sharding,
     sharding_rule="a c b, a c b, c -> c, c")
+
+
+_partitioned_backward = custom_partitioning(_ffi_backward)
+_partitioned_backward.def_partition(
+    partition=_partition_backward, infer_sharding_from_operands=_infer_backward_sharding,
+    sharding_rule="a c b, a c b, c, c, c, c, c, c -> a c b, c, c")
 
 
 # custom_partitioning has no batching rule: under vmap each instance runs the plain call in turn.
@@ -244,3 +291,28 @@ def backward_sums(x3, g3, mean) -> Tuple[jax.Array, jax.Array]:
   """`(sum(g), sum(g * (x - mean)))` per feature over A and B: float32 `(C,)` each."""
   load()
   return _backward_sums(x3, g3, mean.astype(jnp.float32))
+
+
+@custom_vmap
+def _backward(*args):
+  return _partitioned_backward(*args)
+
+
+@_backward.def_vmap
+def _backward_vmap(axis_size, in_batched, *args):
+  args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+          for a, batched in zip(args, in_batched)]
+  return jax.vmap(_ffi_backward)(*args), (True, True, True)
+
+
+def backward(x3, g3, mean, gain, mean_coef, proj_coef, offset0, slope0):
+  """The whole backward of one device's batch in one call: `(dx, sum(g), sum(g * (x - mean)))`.
+
+  `dx = gain * g + offset + slope * (x - mean)` per feature, with `offset = offset0 - mean_coef *
+  sum(g)` and `slope = slope0 - proj_coef * sum(g * (x - mean))`; x3 and g3 `(A, C, B)`, the rest
+  float32 `(C,)`. Under a sharded jit the shards' sums are all-reduced before dx.
+  """
+  load()
+  f32 = lambda v: v.astype(jnp.float32)
+  return _backward(x3, g3, f32(mean), f32(gain), f32(mean_coef), f32(proj_coef), f32(offset0),
+                   f32(slope0))

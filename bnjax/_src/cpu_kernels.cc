@@ -6,6 +6,8 @@
 //
 //   bnjax_moments(x[A, C, B])               -> mean[C], m2[C]         m2 = sum (x - mean)^2
 //   bnjax_backward_sums(x, g[A, C, B], mu[C]) -> sum_g[C], sum_gc[C]  sum_gc = sum g * (x - mu)
+//   bnjax_backward(x, g, mu, ...)               -> dx[A, C, B], sum_g, sum_gc  (one device: the sums,
+//                                                  then dx in the same call, see Backward)
 //
 // x is viewed as [A, C, B] with C the features: B = 1 for features last (NC, NHWC), B = H*W for
 // NCHW. x and g are float32 or bfloat16; statistics are float32, accumulated in float64 across
@@ -35,6 +37,18 @@ inline float Load(const uint16_t* p, int64_t i) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+inline void Store(uint16_t* p, int64_t i, float v) {  // round to nearest even, as XLA's convert
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays a (quiet) NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p[i] = static_cast<uint16_t>(bits >> 16);
 }
 
 // Runs fn(0), ..., fn(parts - 1) on the calling thread and up to parts - 1 pool threads. The caller
@@ -221,6 +235,46 @@ void BackwardSums(ffi::ThreadPool& pool, const T* x, const T* g, const float* mu
   }
 }
 
+// The whole single-device backward: the two sums, then in the same call
+//   dx = gain * g + offset + slope * (x - mu),
+//   offset = offset0 - mean_coef * sum_g,   slope = slope0 - proj_coef * sum_gc,
+// with mean_coef = gain / m, proj_coef = gain * inv_std^2 / m, and offset0 and slope0 the terms from
+// the statistics' own cotangents.
+template <typename T>
+void Backward(ffi::ThreadPool& pool, const T* x, const T* g, const float* mu, const float* gain,
+              const float* mean_coef, const float* proj_coef, const float* offset0,
+              const float* slope0, int64_t A, int64_t C, int64_t B, T* dx, float* sum_g,
+              float* sum_gc) {
+  BackwardSums(pool, x, g, mu, A, C, B, sum_g, sum_gc);
+  std::vector<float> offset(C), slope(C);
+  for (int64_t c = 0; c < C; ++c) {
+    offset[c] = offset0[c] - mean_coef[c] * sum_g[c];
+    slope[c] = slope0[c] - proj_coef[c] * sum_gc[c];
+  }
+  int64_t parts = Partitions(A, 3 * C * B * sizeof(T));
+  ParallelFor(pool, parts, [&](int64_t p) {
+    int64_t a0 = A * p / parts, a1 = A * (p + 1) / parts;
+    for (int64_t a = a0; a < a1; ++a) {
+      if (B == 1) {
+        const T* xr = x + a * C;
+        const T* gr = g + a * C;
+        T* dr = dx + a * C;
+        for (int64_t c = 0; c < C; ++c) {
+          Store(dr, c, gain[c] * Load(gr, c) + offset[c] + slope[c] * (Load(xr, c) - mu[c]));
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xr = x + (a * C + c) * B;
+          const T* gr = g + (a * C + c) * B;
+          T* dr = dx + (a * C + c) * B;
+          float k = gain[c], o = offset[c], sl = slope[c], mc = mu[c];
+          for (int64_t b = 0; b < B; ++b) Store(dr, b, k * Load(gr, b) + o + sl * (Load(xr, b) - mc));
+        }
+      }
+    }
+  });
+}
+
 ffi::Error CheckInput(const ffi::AnyBuffer& x, const char* name) {
   if (x.dimensions().size() != 3) {
     return ffi::Error::InvalidArgument(std::string(name) + " must be viewed as [A, C, B]");
@@ -266,7 +320,49 @@ ffi::Error BackwardSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   return ffi::Error::Success();
 }
 
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                        ffi::BufferR1<ffi::F32> mu, ffi::BufferR1<ffi::F32> gain,
+                        ffi::BufferR1<ffi::F32> mean_coef, ffi::BufferR1<ffi::F32> proj_coef,
+                        ffi::BufferR1<ffi::F32> offset0, ffi::BufferR1<ffi::F32> slope0,
+                        ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::BufferR1<ffi::F32>> sum_g,
+                        ffi::Result<ffi::BufferR1<ffi::F32>> sum_gc) {
+  if (ffi::Error e = CheckInput(x, "x"); e.failure()) return e;
+  if (ffi::Error e = CheckInput(g, "g"); e.failure()) return e;
+  if (x.element_type() != g.element_type() || dx->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("x, g and dx must have the same dtype");
+  }
+  auto d = x.dimensions();
+  if (x.element_type() == ffi::DataType::F32) {
+    Backward(pool, x.typed_data<float>(), g.typed_data<float>(), mu.typed_data(),
+             gain.typed_data(), mean_coef.typed_data(), proj_coef.typed_data(),
+             offset0.typed_data(), slope0.typed_data(), d[0], d[1], d[2], static_cast<float*>(dx->untyped_data()), sum_g->typed_data(),
+             sum_gc->typed_data());
+  } else {
+    Backward(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()),
+             reinterpret_cast<const uint16_t*>(g.untyped_data()), mu.typed_data(),
+             gain.typed_data(), mean_coef.typed_data(), proj_coef.typed_data(),
+             offset0.typed_data(), slope0.typed_data(), d[0], d[1], d[2], static_cast<uint16_t*>(dx->untyped_data()), sum_g->typed_data(),
+             sum_gc->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BnjaxBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::BufferR1<ffi::F32>>()
+                                  .Ret<ffi::BufferR1<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BnjaxMoments, MomentsImpl,
                               ffi::Ffi::Bind()
