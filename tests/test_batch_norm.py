@@ -170,7 +170,6 @@ def test_derivatives_to_second_order_forward_and_reverse(kw):
 
 def test_custom_rule_agrees_with_plain_autodiff_of_the_formula():
   x, dy, gamma, beta, _ = _inputs((16, 5), -1)
-  params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
   _, stats = bnjax.init(5)
 
   def plain(x, g, b):
