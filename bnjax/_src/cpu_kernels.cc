@@ -78,7 +78,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
 
 int64_t Partitions(int64_t rows, int64_t bytes_per_row) {
   // Below kMinParallelBytes handing work to another thread costs more than it saves.
-  constexpr int64_t kMinParallelBytes = 2 * 1024 * 1024;
+  constexpr int64_t kMinParallelBytes = 4 * 1024 * 1024;
   constexpr int64_t kBytesPerPartition = 512 * 1024;
   if (rows * bytes_per_row < kMinParallelBytes) return 1;
   int64_t by_size = (rows * bytes_per_row) / kBytesPerPartition;
