@@ -216,6 +216,7 @@ FALLBACKS = {
     "mask": ((16, 6), -1, jnp.float32, dict(mask=np.arange(16) % 3 != 0)),
     "virtual_batch_size": ((16, 6), -1, jnp.float32, dict(virtual_batch_size=4)),
     "float16": ((16, 6), -1, jnp.float16, {}),
+    "bfloat16": ((16, 6), -1, jnp.bfloat16, {}),  # the kernels take it, batch_norm keeps it in XLA
     "non_adjacent_axes": ((4, 5, 6), (0, 2), jnp.float32, {}),
 }
 

@@ -252,7 +252,7 @@ _train_normalize_kernel.defvjp(_kernel_forward, _kernel_backward)
 def _kernel_view(implementation, x, axes, mask, virtual_batch_size):
   """x's `(A, C, B)` view when `implementation` asks for the CPU kernels and they apply, else None.
 
-  They apply on the CPU backend to float32 and bfloat16 inputs whose feature axes are adjacent,
+  They apply on the CPU backend to float32 inputs whose feature axes are adjacent,
   without `mask` or `virtual_batch_size`; everything else takes the pure-JAX path, which computes
   the same function.
   """
@@ -364,7 +364,7 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
       the backward's two sums in one read each (built with the system C++ compiler on first use,
       see `bnjax.build_cpu_kernels`); its derivative is a custom VJP: first-order reverse mode
       (`grad`, `vjp`) only, no `jvp`, `hessian` or grad of grad (use the default for those).
-      Inputs they do not cover (other backends, dtypes other than float32 and bfloat16,
+      Inputs they do not cover (other backends, dtypes other than float32,
       non-adjacent feature axes, `mask`, `virtual_batch_size`) take the pure-JAX path, and so does
       everything if the kernels cannot be built (with a warning).
 
