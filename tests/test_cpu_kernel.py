@@ -1,12 +1,13 @@
 """bnjax's XLA:CPU kernels (`implementation="cpu_kernel"`) against float64 NumPy and the default path.
 
 Checks that:
-- the two FFI kernels (`moments`, `backward_sums`) match float64 NumPy for float32 and bfloat16
+- the FFI kernels (`moments`, `backward_sums`, the fused `backward`) match float64 NumPy for float32 and bfloat16
   views `(A, C, B)`, stay exact when the mean dwarfs the spread (where the one-pass
   `E[x^2] - E[x]^2` fails), and give bitwise-identical results from call to call;
 - `batch_norm(..., implementation="cpu_kernel")` equals the default path (y, new statistics,
   gradients of x and params through a loss that also uses the new statistics) over layouts,
-  dtypes and absent scale/bias; under shard_map, pmap, vmap with and without `axis_name`; in
+  dtypes and absent scale/bias; under shard_map, pmap, vmap with and without `axis_name`; under a
+  sharded jit, where each device reduces its own shard (no all-gather in the compiled program); in
   inference mode;
 - the kernels are in the compiled program when they apply, and absent (with the same results) for
   the cases they do not cover;
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import bnjax
 from bnjax._src import cpu_kernel
@@ -265,6 +266,30 @@ def test_shard_map_kernel_path_equals_default_and_one_device(shape, axis, mesh):
   # The whole batch on one device: y, statistics, dx and (the loss being the same) param grads.
   one = _outputs(*args, axis=axis)
   chex.assert_trees_all_close(tuple(got), one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+@pytest.mark.parametrize("shape,axis", [((64, 6), -1), ((16, 4, 3, 5), 1)], ids=str)
+def test_sharded_jit_reduces_each_shard_without_gathering(shape, axis, axis_type):
+  x, params, stats, w, stat_w = _problem(shape, axis)
+  mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(axis_type,))
+  sharding = NamedSharding(mesh, P("batch"))
+  xs, ws = jax.device_put(x, sharding), jax.device_put(w, sharding)
+
+  def run(implementation):
+    grad_fn = jax.value_and_grad(
+        lambda x, w, p: _loss(x, p, stats, w, stat_w, axis=axis, implementation=implementation),
+        argnums=(0, 2), has_aux=True)
+    return jax.jit(grad_fn)
+
+  kernel = run("cpu_kernel")
+  compiled = kernel.lower(xs, ws, params).compile().as_text()
+  # Partitioned, not gathered: each device's kernels read only its own rows.
+  assert "bnjax_moments" in compiled and "bnjax_backward_sums" in compiled
+  assert "all-gather" not in compiled
+  (_, (y, new_stats)), (dx, dparams) = kernel(xs, ws, params)
+  assert y.sharding.spec[0] == "batch" and dx.sharding.spec[0] == "batch"
+  _assert_close((y, new_stats, dx, dparams), _outputs(x, params, stats, w, stat_w, axis=axis))
 
 
 @pytest.mark.parametrize("mapper", ["pmap", "vmap"])
