@@ -116,7 +116,7 @@ def _check_common(
   virtual_batch_size: Any,
   unbiased_running_var: Any,
   running: Any,
-  implementation: Any = None,
+  implementation: Any,
 ) -> None:
   """The constructor checks common to the linen and nnx layers."""
   _check_axis_spec(axis)
@@ -129,8 +129,7 @@ def _check_common(
   _check_virtual_batch_size(virtual_batch_size)
   _check_bool(unbiased_running_var, "unbiased_running_var")
   _check_running(running)
-  if implementation not in (None, "xla", "cpu_kernel"):
-    raise ValueError(f"implementation must be None, 'xla' or 'cpu_kernel', got {implementation!r}")
+  _errors.check_implementation(implementation)
 
 
 def _core_mask(mask: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> Array | None:
@@ -440,8 +439,7 @@ class MLP(linen.Module):
     _check_momentum(self.momentum)
     _check_epsilon(self.epsilon)
     _check_axis_name(self.axis_name, None)
-    if self.implementation not in (None, "xla", "cpu_kernel"):
-      raise ValueError(f"implementation must be None, 'xla' or 'cpu_kernel', got {self.implementation!r}")
+    _errors.check_implementation(self.implementation)
     super().__post_init__()
 
   def _normalized_layers(self) -> frozenset[int]:

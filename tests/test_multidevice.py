@@ -39,6 +39,15 @@ def _one_device(x, w, params, stats, mask=None):
   return y, new_stats, grads
 
 
+def _assert_matches_one_device(got, want):
+  """`(y, new_stats, dx, dparams)` of a multi-device run against one device on the whole batch."""
+  (y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0) = got, want
+  np.testing.assert_allclose(y, y0, atol=1e-5)
+  np.testing.assert_allclose(dx, dx0, atol=1e-5)
+  chex.assert_trees_all_close(dparams, dparams0, atol=1e-4)
+  chex.assert_trees_all_close(new_stats, stats0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def mesh():
   assert len(jax.devices()) >= DEVICES, "conftest.py must give 8 host devices"
@@ -81,10 +90,7 @@ def test_shard_map_equals_one_device_on_the_global_batch(mesh):
   fn = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P("batch"), P("batch"), P()),
                              out_specs=(P("batch"), P(), (P("batch"), P()))))
   y, new_stats, (dx, dparams) = fn(jax.device_put(x, sharding), jax.device_put(w, sharding), params)
-  np.testing.assert_allclose(y, y0, atol=1e-5)
-  np.testing.assert_allclose(dx, dx0, atol=1e-5)
-  chex.assert_trees_all_close(dparams, dparams0, atol=1e-4)
-  chex.assert_trees_all_close(new_stats, stats0, atol=1e-6)
+  _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
 def test_sharded_jit_needs_no_axis_name(mesh):
@@ -96,10 +102,7 @@ def test_sharded_jit_needs_no_axis_name(mesh):
   (_, (y, new_stats)), (dx, dparams) = fn(jax.device_put(x, sharding),
                                           jax.device_put(w, sharding), params, stats)
   assert len(y.sharding.device_set) == DEVICES
-  np.testing.assert_allclose(y, y0, atol=1e-5)
-  np.testing.assert_allclose(dx, dx0, atol=1e-5)
-  chex.assert_trees_all_close(dparams, dparams0, atol=1e-4)
-  chex.assert_trees_all_close(new_stats, stats0, atol=1e-6)
+  _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
 def test_vmap_with_axis_name_syncs_the_mapped_axis():
@@ -168,10 +171,7 @@ def test_uneven_masks_equal_dropping_rows(path, mesh):
         lambda x, w, m: per_device(x, w, m, lambda l: jax.lax.psum(l, "batch")), mesh=mesh,
         in_specs=(P("batch"),) * 3, out_specs=(P("batch"), P(), (P("batch"), P()))))
     y, new_stats, (dx, dparams) = fn(*(jax.device_put(a, sharding) for a in (x, w, mask)))
-  np.testing.assert_allclose(y, y0, atol=1e-5)
-  np.testing.assert_allclose(dx, dx0, atol=1e-5)
-  chex.assert_trees_all_close(dparams, dparams0, atol=1e-4)
-  chex.assert_trees_all_close(new_stats, stats0, atol=1e-6)
+  _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
 def test_per_device_statistics_must_be_asked_for_under_shard_map(mesh):

@@ -385,8 +385,7 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
     mask = errors.mask_to_input_rank(mask, x.shape, axes)
   if not isinstance(train, bool):
     raise TypeError(f"`train` must be a Python bool (it selects the computation), got {train!r}.")
-  if implementation not in (None, "xla", "cpu_kernel"):
-    raise ValueError(f"`implementation` must be None, 'xla' or 'cpu_kernel', got {implementation!r}.")
+  errors.check_implementation(implementation)
   if not train:
     return normalize(x, stats.mean, stats.var, params, axis=axes, epsilon=epsilon), stats
 

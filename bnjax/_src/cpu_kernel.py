@@ -173,17 +173,15 @@ def dx_from_sums(x3, g3, mean, gain, mean_coef, proj_coef, offset0, slope0, sum_
   return dx.astype(x3.dtype)
 
 
-def _spec3(sharding):
-  spec = tuple(sharding.spec) + (None,) * 3
-  return spec[:3]
-
-
-def _mesh_axes(*entries):
-  names = []
-  for entry in entries:
+def _layout(mesh, arg_shapes):
+  """`(reduced, x_sharding, features)`: the mesh axes that split A or B (the kernels reduce over them),
+  and the shardings of x-shaped and feature-shaped arrays, from x's sharding."""
+  spec = (tuple(arg_shapes[0].sharding.spec) + (None,) * 3)[:3]
+  reduced = []
+  for entry in (spec[0], spec[2]):
     if entry is not None:
-      names += [entry] if isinstance(entry, str) else list(entry)
-  return tuple(names)
+      reduced += [entry] if isinstance(entry, str) else list(entry)
+  return tuple(reduced), NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(spec[1]))
 
 
 # Under a sharded jit, XLA's partitioner would gather a custom call's operands onto every device. These
@@ -191,8 +189,7 @@ def _mesh_axes(*entries):
 # are combined across the mesh axes that split A and B (features split over C stay split).
 def _partition_moments(mesh, arg_shapes, result_shape):
   del result_shape
-  spec = _spec3(arg_shapes[0].sharding)
-  reduced = _mesh_axes(spec[0], spec[2])
+  reduced, x_sharding, features = _layout(mesh, arg_shapes)
 
   def lower(x3):
     mean, m2 = _ffi_moments(x3)
@@ -202,26 +199,22 @@ def _partition_moments(mesh, arg_shapes, result_shape):
       m2 = var * count
     return mean, m2
 
-  out = NamedSharding(mesh, P(spec[1]))
-  return mesh, lower, (out, out), (NamedSharding(mesh, P(*spec)),)
+  return mesh, lower, (features, features), (x_sharding,)
 
 
 def _partition_backward_sums(mesh, arg_shapes, result_shape):
   del result_shape
-  spec = _spec3(arg_shapes[0].sharding)
-  reduced = _mesh_axes(spec[0], spec[2])
+  reduced, x_sharding, features = _layout(mesh, arg_shapes)
 
   def lower(x3, g3, mean):
     return moments_lib.sync_sum(_ffi_backward_sums(x3, g3, mean), reduced or None)
 
-  out = NamedSharding(mesh, P(spec[1]))
-  return mesh, lower, (out, out), (NamedSharding(mesh, P(*spec)),) * 2 + (out,)
+  return mesh, lower, (features, features), (x_sharding, x_sharding, features)
 
 
 def _partition_backward(mesh, arg_shapes, result_shape):
   del result_shape
-  spec = _spec3(arg_shapes[0].sharding)
-  reduced = _mesh_axes(spec[0], spec[2])
+  reduced, x_sharding, features = _layout(mesh, arg_shapes)
 
   def lower(x3, g3, mean, *coefficients):
     if not reduced:
@@ -230,81 +223,59 @@ def _partition_backward(mesh, arg_shapes, result_shape):
     sum_g, sum_gc = moments_lib.sync_sum(_ffi_backward_sums(x3, g3, mean), reduced)
     return dx_from_sums(x3, g3, mean, *coefficients, sum_g, sum_gc), sum_g, sum_gc
 
-  x_sharding, features = NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(spec[1]))
   return mesh, lower, (x_sharding, features, features), (x_sharding,) * 2 + (features,) * 6
+
+
+def _infer_sums_sharding(mesh, arg_shapes, result_shape):
+  del result_shape
+  _, _, features = _layout(mesh, arg_shapes)
+  return features, features
 
 
 def _infer_backward_sharding(mesh, arg_shapes, result_shape):
   del result_shape
-  spec = _spec3(arg_shapes[0].sharding)
-  features = NamedSharding(mesh, P(spec[1]))
-  return NamedSharding(mesh, P(*spec)), features, features
+  _, x_sharding, features = _layout(mesh, arg_shapes)
+  return x_sharding, features, features
 
 
-def _infer_features_sharding(mesh, arg_shapes, result_shape):
-  del result_shape
-  out = NamedSharding(mesh, P(_spec3(arg_shapes[0].sharding)[1]))
-  return out, out
+def _kernel_call(ffi_fn, partition, infer_sharding, sharding_rule):
+  """`ffi_fn` made partitionable under a sharded jit and batchable under vmap."""
+  partitioned = custom_partitioning(ffi_fn)
+  partitioned.def_partition(partition=partition, infer_sharding_from_operands=infer_sharding,
+                            sharding_rule=sharding_rule)
+
+  @custom_vmap
+  def call(*args):
+    return partitioned(*args)
+
+  # custom_partitioning has no batching rule: under vmap each instance runs the plain call in turn.
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, *args):
+    args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, batched in zip(args, in_batched)]
+    out = jax.vmap(ffi_fn)(*args)
+    return out, tuple(True for _ in out)
+
+  return call
 
 
-_partitioned_moments = custom_partitioning(_ffi_moments)
-_partitioned_moments.def_partition(
-    partition=_partition_moments, infer_sharding_from_operands=_infer_features_sharding,
-    sharding_rule="a c b -> c, c")
-_partitioned_backward_sums = custom_partitioning(_ffi_backward_sums)
-_partitioned_backward_sums.def_partition(
-    partition=_partition_backward_sums, infer_sharding_from_operands=_infer_features_sharding,
-    sharding_rule="a c b, a c b, c -> c, c")
+_moments = _kernel_call(_ffi_moments, _partition_moments, _infer_sums_sharding, "a c b -> c, c")
+_backward_sums = _kernel_call(_ffi_backward_sums, _partition_backward_sums, _infer_sums_sharding,
+                              "a c b, a c b, c -> c, c")
+_backward = _kernel_call(_ffi_backward, _partition_backward, _infer_backward_sharding,
+                         "a c b, a c b, c, c, c, c, c, c -> a c b, c, c")
 
 
-_partitioned_backward = custom_partitioning(_ffi_backward)
-_partitioned_backward.def_partition(
-    partition=_partition_backward, infer_sharding_from_operands=_infer_backward_sharding,
-    sharding_rule="a c b, a c b, c, c, c, c, c, c -> a c b, c, c")
-
-
-# custom_partitioning has no batching rule: under vmap each instance runs the plain call in turn.
-@custom_vmap
 def moments(x3) -> Tuple[jax.Array, jax.Array]:
   """`(mean, m2)` of x3 `(A, C, B)` per feature C over A and B (`m2 = sum((x - mean)^2)`): float32 `(C,)`."""
   load()
-  return _partitioned_moments(x3)
-
-
-@moments.def_vmap
-def _moments_vmap(axis_size, in_batched, x3):
-  del axis_size, in_batched
-  return jax.vmap(_ffi_moments)(x3), (True, True)
-
-
-@custom_vmap
-def _backward_sums(x3, g3, mean):
-  return _partitioned_backward_sums(x3, g3, mean)
-
-
-@_backward_sums.def_vmap
-def _backward_sums_vmap(axis_size, in_batched, x3, g3, mean):
-  args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-          for a, batched in zip((x3, g3, mean), in_batched)]
-  return jax.vmap(_ffi_backward_sums)(*args), (True, True)
+  return _moments(x3)
 
 
 def backward_sums(x3, g3, mean) -> Tuple[jax.Array, jax.Array]:
   """`(sum(g), sum(g * (x - mean)))` per feature over A and B: float32 `(C,)` each."""
   load()
   return _backward_sums(x3, g3, mean.astype(jnp.float32))
-
-
-@custom_vmap
-def _backward(*args):
-  return _partitioned_backward(*args)
-
-
-@_backward.def_vmap
-def _backward_vmap(axis_size, in_batched, *args):
-  args = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-          for a, batched in zip(args, in_batched)]
-  return jax.vmap(_ffi_backward)(*args), (True, True, True)
 
 
 def backward(x3, g3, mean, gain, mean_coef, proj_coef, offset0, slope0):

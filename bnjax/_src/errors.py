@@ -81,6 +81,11 @@ def check_epsilon(epsilon) -> None:
     raise ValueError(f"`epsilon` must be > 0 (it keeps 1/sqrt(var + epsilon) finite), got {epsilon}.")
 
 
+def check_implementation(implementation) -> None:
+  if implementation not in (None, "xla", "cpu_kernel"):
+    raise ValueError(f"`implementation` must be None, 'xla' or 'cpu_kernel', got {implementation!r}.")
+
+
 def mask_to_input_rank(mask, x_shape: Tuple[int, ...], axes: Tuple[int, ...]):
   """Returns `mask` with x's rank and size-1 feature axes; raises on a wrong shape or dtype."""
   reduced_shape = tuple(d for i, d in enumerate(x_shape) if i not in axes)
