@@ -127,6 +127,15 @@ def _version(module_name: str) -> str | None:
   return getattr(module, "__version__", None)
 
 
+def _jax_device() -> dict[str, str]:
+  """JAX's default backend and device kind, when the benchmark process has imported jax (a parent process that
+  only launches workers has not, and must not initialise a backend for this)."""
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return {}
+  return {"jax_backend": jax.default_backend(), "jax_device": jax.devices()[0].device_kind}
+
+
 def machine_info() -> dict[str, Any]:
   """The facts a reader needs to compare numbers across machines: CPU, cores, library versions, flags."""
   return {
@@ -137,6 +146,7 @@ def machine_info() -> dict[str, Any]:
       "python": platform.python_version(),
       "versions": {name: _version(name) for name in
                    ("jax", "jaxlib", "flax", "optax", "haiku", "equinox", "torch", "numpy", "bnjax")},
+      **_jax_device(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       # glibc.malloc.hugetlb=1 backs large buffers with transparent huge pages, which changes the cost of
       # every fresh output buffer (see RESULTS.md); the same setting applies to every implementation of a run.
@@ -157,7 +167,8 @@ def machine_line(info: Mapping[str, Any]) -> str:
   """One line naming the machine and versions, for the head of a markdown report."""
   versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
   tunables = f"; GLIBC_TUNABLES={info['glibc_tunables']}" if info.get("glibc_tunables") else ""
-  return (f"{info['cpu_model']}, {info['usable_cores']} cores; {versions}; "
+  accelerator = "" if info.get("jax_backend", "cpu") == "cpu" else f"{info['jax_device']} ({info['jax_backend']}); "
+  return (f"{accelerator}{info['cpu_model']}, {info['usable_cores']} cores; {versions}; "
           f"load average at start {info['load_average'][0]:.2f}{tunables}")
 
 

@@ -378,9 +378,21 @@ def _torch_layout_supported(layout: str) -> Callable[[Case], bool]:
   return lambda case: (len(case.shape) == 2) == (layout == "nd")
 
 
+def _torch_device(torch) -> str:
+  """PyTorch runs where JAX runs: on CUDA when JAX's default backend is a GPU and this PyTorch build has CUDA,
+  so that both libraries are timed on the same processor."""
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def _build_torch(case: Case, data: CaseData, *, layout: str, threads: int | None = None) -> Prepared:
-  """PyTorch eager; `threads` None means one intra-op thread per usable core (PyTorch's default)."""
+  """PyTorch eager; `threads` None means one intra-op thread per usable core (PyTorch's default).
+
+  On a GPU (see `_torch_device`) the module and tensors live on CUDA, each call ends with
+  `torch.cuda.synchronize()` (as JAX's calls end with `block_until_ready`) and `threads` is irrelevant.
+  """
   import torch  # pylint: disable=g-import-not-at-top
+  device = _torch_device(torch)
+  synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   threads = threads or len(os.sched_getaffinity(0))
   setup = functools.partial(torch.set_num_threads, threads)
   setup()
@@ -394,10 +406,10 @@ def _build_torch(case: Case, data: CaseData, *, layout: str, threads: int | None
     module.bias.copy_(torch.from_numpy(data.bias))
     module.running_mean.copy_(torch.from_numpy(data.mean0))
     module.running_var.copy_(torch.from_numpy(data.var0))
-  module.train()
+  module.to(device).train()
 
   def to_torch(array: np.ndarray):
-    tensor = torch.from_numpy(np.asarray(array, np.float32)).to(torch_dtype)
+    tensor = torch.from_numpy(np.asarray(array, np.float32)).to(device=device, dtype=torch_dtype)
     if layout == "nchw":
       tensor = tensor.permute(0, 3, 1, 2).contiguous()
     elif layout == "channels_last":
@@ -408,18 +420,21 @@ def _build_torch(case: Case, data: CaseData, *, layout: str, threads: int | None
   def canonical(tensor) -> np.ndarray:
     if layout != "nd":
       tensor = tensor.permute(0, 2, 3, 1)
-    return tensor.detach().float().numpy().astype(np.float64)
+    return tensor.detach().float().cpu().numpy().astype(np.float64)
 
   x = to_torch(data.x)
   g = to_torch(data.cotangent)
 
   def running() -> dict[str, np.ndarray]:
-    return {"mean": module.running_mean.double().numpy().copy(), "var": module.running_var.double().numpy().copy()}
+    return {"mean": module.running_mean.double().cpu().numpy().copy(),
+            "var": module.running_var.double().cpu().numpy().copy()}
 
   if case.mode == "fwd":
     def call():
       with torch.no_grad():
-        return module(x)
+        y = module(x)
+      synchronize()
+      return y
 
     def outputs(y):
       return {"y": canonical(y), **running()}
@@ -429,17 +444,19 @@ def _build_torch(case: Case, data: CaseData, *, layout: str, threads: int | None
     def call():
       x.grad = module.weight.grad = module.bias.grad = None
       module(x).backward(g)
+      synchronize()
       return x.grad, module.weight.grad, module.bias.grad
 
     def outputs(result):
       dx, dscale, dbias = result
-      return {"dx": canonical(dx), "dscale": dscale.double().numpy(), "dbias": dbias.double().numpy(),
+      return {"dx": canonical(dx), "dscale": dscale.double().cpu().numpy(), "dbias": dbias.double().cpu().numpy(),
               **running()}
 
   note = {"nd": "BatchNorm1d", "nchw": "BatchNorm2d NCHW", "channels_last": "BatchNorm2d channels_last"}[layout]
   return Prepared(call=call, outputs=outputs,
                   running_rule=_reference.ema_rule(data.mean0, data.var0, data.decay, unbiased_var=True),
-                  note=f"{note}, {threads} thread{'s' if threads > 1 else ''}", setup=setup)
+                  note=(f"{note}, CUDA" if device == "cuda" else
+                        f"{note}, {threads} thread{'s' if threads > 1 else ''}"), setup=setup)
 
 
 class KnownDeviation(NamedTuple):
@@ -533,12 +550,19 @@ class Row:
   error: str | None = None
 
 
+@functools.lru_cache(maxsize=1)
+def _case_inputs(shape: tuple[int, ...], dtype: str, seed: int) -> tuple[CaseData, _reference.Reference]:
+  """The inputs and float64 reference of one shape and dtype, which its fwd and fwd_bwd cases share (`main`
+  runs them one after the other): at GPU sizes the reference alone takes tens of seconds."""
+  data = make_case_data(Case(shape, dtype, "fwd"), seed)
+  return data, _reference.batch_norm_reference(data.x, data.scale, data.bias, data.cotangent,
+                                               epsilon=data.epsilon)
+
+
 def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: int, warmup: int,
              seed: int = 0) -> list[Row]:
   """Builds, checks and times every implementation that supports `case`; returns one Row each."""
-  data = make_case_data(case, seed)
-  reference = _reference.batch_norm_reference(data.x, data.scale, data.bias, data.cotangent,
-                                              epsilon=data.epsilon)
+  data, reference = _case_inputs(case.shape, case.dtype, seed)
   tolerance = _reference.TOLERANCE[case.dtype]
   load_average = os.getloadavg()[0]
   rows, calls, setups = {}, {}, {}
@@ -698,7 +722,9 @@ def main(argv: Sequence[str] | None = None,
   warmup = 1 if args.quick else 3
   info = _harness.machine_info()
   rows = []
-  for case in cases_for(shapes, args.dtypes.split(","), args.modes.split(",")):
+  cases = cases_for(shapes, args.dtypes.split(","), args.modes.split(","))
+  # Run the cases of one shape and dtype together, so that they share one reference; report in `cases` order.
+  for case in sorted(cases, key=lambda case: (case.shape, case.dtype)):
     case_rows = run_case(case, implementations, rounds=rounds, warmup=warmup, seed=args.seed)
     for row in case_rows:
       if row.check in ("FAIL", "ERROR"):
@@ -713,7 +739,11 @@ def main(argv: Sequence[str] | None = None,
         print(f"note: the known deviation of {deviation.implementation} did not occur in {case.label}; "
               "it may have been fixed", file=sys.stderr, flush=True)
     rows += case_rows
-    print(f"done: {case.label}", file=sys.stderr, flush=True)
+    # Progress on stderr, each case's rows included, so a run stopped part-way still leaves its numbers.
+    print(f"done: {case.label}\n{_harness.markdown_table(HEADERS, [_row_cells(r) for r in case_rows])}",
+          file=sys.stderr, flush=True)
+  order = {case.label: index for index, case in enumerate(cases)}
+  rows.sort(key=lambda row: order[row.case])
   verdicts = targets(rows)
   info["load_average_end"] = os.getloadavg()
   markdown = render(rows, verdicts, info)

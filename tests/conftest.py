@@ -1,4 +1,9 @@
-"""Test configuration: 8 host CPU devices, set before jax is first imported."""
+"""Test configuration: 8 host CPU devices, set before jax is first imported.
+
+Tests run on the CPU unless JAX_PLATFORMS says otherwise (`JAX_PLATFORMS=cuda pytest ...` runs them on a GPU).
+A test that needs several devices is marked `@pytest.mark.devices(n)` and is skipped, with the reason, where
+fewer exist (a single GPU, say).
+"""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -7,5 +12,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "devices(n): the test needs at least n devices of the default backend")
+
+
+def pytest_runtest_setup(item):
+  for marker in item.iter_markers(name="devices"):
+    needed = marker.args[0]
+    if jax.device_count() < needed:
+      pytest.skip(f"needs {needed} devices, {jax.device_count()} {jax.default_backend()} device(s) here; "
+                  "on the CPU (the default) conftest.py provides 8")

@@ -88,6 +88,7 @@ def test_round_trip_keeps_every_leaf_and_extra(data, tmp_path):
   step_fn()(restored, bnjax.data.batch_at(data.train, BATCH, 3, seed=SEED))
 
 
+@pytest.mark.devices(8)
 def test_restore_takes_the_targets_placement(data, tmp_path):
   state = fresh_state(data)
   checkpoint.save(tmp_path, state, step=0)

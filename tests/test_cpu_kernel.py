@@ -32,6 +32,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import bnjax
 from bnjax._src import cpu_kernel
 
+if jax.default_backend() != "cpu":
+  pytest.skip(f"bnjax's CPU kernels run on the CPU backend only, not {jax.default_backend()}",
+              allow_module_level=True)
 _UNAVAILABLE = cpu_kernel.unavailable_reason()
 if _UNAVAILABLE is not None:
   pytest.skip(f"bnjax's CPU kernels are unavailable: {_UNAVAILABLE}", allow_module_level=True)
@@ -256,6 +259,7 @@ def _shard_map_outputs(mesh, x, params, stats, w, stat_w, axis, implementation):
   return fn(jax.device_put(x, sharding), jax.device_put(w, sharding), params)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("shape,axis", [((64, 6), -1), ((16, 4, 3, 5), 1)], ids=str)
 def test_shard_map_kernel_path_equals_default_and_one_device(shape, axis, mesh):
   args = _problem(shape, axis)
@@ -268,6 +272,7 @@ def test_shard_map_kernel_path_equals_default_and_one_device(shape, axis, mesh):
   chex.assert_trees_all_close(tuple(got), one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 @pytest.mark.parametrize("shape,axis", [((64, 6), -1), ((16, 4, 3, 5), 1)], ids=str)
 def test_sharded_jit_reduces_each_shard_without_gathering(shape, axis, axis_type):
@@ -292,6 +297,7 @@ def test_sharded_jit_reduces_each_shard_without_gathering(shape, axis, axis_type
   _assert_close((y, new_stats, dx, dparams), _outputs(x, params, stats, w, stat_w, axis=axis))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mapper", ["pmap", "vmap"])
 def test_mapped_axis_name_kernel_path_equals_default(mapper):
   x, params, stats, w, stat_w = _problem((64, 6), -1)

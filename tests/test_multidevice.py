@@ -54,6 +54,7 @@ def mesh():
   return jax.make_mesh((DEVICES,), ("batch",))
 
 
+@pytest.mark.devices(DEVICES)
 def test_pmap_equals_one_device_on_the_global_batch():
   x, w = _data()
   params, stats = _params(6)
@@ -73,6 +74,7 @@ def test_pmap_equals_one_device_on_the_global_batch():
   chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], new_stats), stats0, atol=1e-6)
 
 
+@pytest.mark.devices(DEVICES)
 def test_shard_map_equals_one_device_on_the_global_batch(mesh):
   x, w = _data()
   params, stats = _params(6)
@@ -93,6 +95,7 @@ def test_shard_map_equals_one_device_on_the_global_batch(mesh):
   _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
+@pytest.mark.devices(DEVICES)
 def test_sharded_jit_needs_no_axis_name(mesh):
   x, w = _data()
   params, stats = _params(6)
@@ -120,6 +123,7 @@ def test_vmap_with_axis_name_syncs_the_mapped_axis():
   chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], new_stats), stats0, atol=1e-6)
 
 
+@pytest.mark.devices(DEVICES)
 def test_axis_index_groups_equal_separate_runs():
   x, w = _data()
   params, stats = _params(6)
@@ -140,6 +144,7 @@ def test_axis_index_groups_equal_separate_runs():
     chex.assert_trees_all_close(jax.tree.map(lambda s: s[4 * g], new_stats), stats_g, atol=1e-6)
 
 
+@pytest.mark.devices(DEVICES)
 @pytest.mark.parametrize("path", ["pmap", "shard_map"])
 def test_uneven_masks_equal_dropping_rows(path, mesh):
   x, w = _data()
@@ -174,6 +179,7 @@ def test_uneven_masks_equal_dropping_rows(path, mesh):
   _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
+@pytest.mark.devices(DEVICES)
 def test_per_device_statistics_must_be_asked_for_under_shard_map(mesh):
   x, _ = _data()
   params, stats = _params(6)
@@ -192,6 +198,7 @@ def test_per_device_statistics_must_be_asked_for_under_shard_map(mesh):
   np.testing.assert_allclose(np.asarray(y)[:8], y_first, atol=1e-5)
 
 
+@pytest.mark.devices(DEVICES)
 def test_batch_of_one_per_device_counts_across_devices():
   params, stats = _params(3)
   x = np.random.default_rng(0).normal(size=(DEVICES, 1, 3)).astype(np.float32)

@@ -279,6 +279,7 @@ def test_axis_name_under_vmap_matches_flax_and_the_whole_batch():
     _close(jax.tree.map(lambda s: s[member], stats), stats_whole, F32_TOL)
 
 
+@pytest.mark.devices(8)
 def test_axis_name_under_shard_map_matches_flax_and_the_whole_batch():
   mesh = jax.make_mesh((8,), ("data",))
   x = 2.0 + _normal((32, 6), 0)
@@ -303,6 +304,7 @@ def test_axis_name_under_shard_map_matches_flax_and_the_whole_batch():
   _close(stats, {"mean": 0.25 + 0.5 * batch_stats["mean"], "var": 1.0 + 0.5 * batch_stats["var"]}, F32_TOL)
 
 
+@pytest.mark.devices(8)
 def test_axis_index_groups_under_pmap_match_flax():
   x = 2.0 + _normal((8, 4, 6), 0)
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -140,6 +140,7 @@ def test_one_step_is_the_textbook_update():
 @pytest.mark.parametrize(
   "parallel,axis_name", [("jit", None), ("shard_map", "batch"), ("pmap", "batch")]
 )
+@pytest.mark.devices(8)
 def test_data_parallel_matches_one_device(parallel, axis_name):
   """20 steps over 8 devices = 20 steps of one device on the global batch (params, stats, optimizer, rng)."""
   want_state, want_history = reference()
@@ -157,6 +158,7 @@ def test_data_parallel_matches_one_device(parallel, axis_name):
     assert_trees_close(got, want)
 
 
+@pytest.mark.devices(8)
 def test_per_device_statistics_differ_from_global_batch():
   """A BatchNorm without axis_name under pmap normalizes each device's 4 rows with their own statistics."""
   want_state, want_history = reference()
@@ -178,6 +180,7 @@ def test_per_device_statistics_differ_from_global_batch():
     assert_trees_close(got, want)
 
 
+@pytest.mark.devices(8)
 def test_sync_batch_stats_averages_per_device_running_statistics():
   """Per-device normalization with sync_batch_stats=True: the running mean is the global one after a step.
 
@@ -268,6 +271,7 @@ def test_softmax_cross_entropy_and_accuracy():
     training.softmax_cross_entropy(logits, jnp.zeros((3,), jnp.int32))
 
 
+@pytest.mark.devices(8)
 def test_placement_helpers():
   mesh = training.batch_mesh()
   x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)

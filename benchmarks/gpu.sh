@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU record in benchmarks/RESULTS.md ("GPU"): on a machine whose jax has CUDA,
+#   bash benchmarks/gpu.sh [OUT_DIR]        (default benchmarks/out/gpu)
+# 1. versions and a one-call smoke test of bnjax on the GPU;
+# 2. the op benchmark at GPU sizes, bnjax against flax.linen, flax.nnx, Equinox, jnp+autodiff, PyTorch on CUDA
+#    (when the installed PyTorch has CUDA) and the HBM bandwidth floor, every output checked in float64;
+# 3. the optimised-HLO anatomy of the forward+backward (kernels and passes over memory) on the GPU;
+# 4. the test suite's single-device tests on the GPU (tests needing 8 devices skip themselves).
+# Each step writes its log to OUT_DIR and a failed step does not stop the later ones.
+set -u
+out=${1:-benchmarks/out/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+python=${PYTHON:-python3}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  "$python" - <<'PY'
+import jax, jax.numpy as jnp, bnjax
+print("jax", jax.__version__, jax.devices())
+params, stats = bnjax.init(8)
+y, stats = jax.jit(lambda x: bnjax.batch_norm(x, params, stats, train=True))(jnp.ones((4, 8)).at[0].set(3.0))
+print("bnjax smoke:", y.devices(), float(y.sum()), stats.mean[:2])
+PY
+} 2>&1 | tee "$out/smoke.log" || exit 1
+grep -q "bnjax smoke:" "$out/smoke.log" || exit 1
+
+timeout "${OPS_TIMEOUT:-300}" "$python" -m benchmarks.ops --out "$out/ops" --prototypes \
+  --shapes "${GPU_SHAPES:-65536x1024,256x56x56x256}" \
+  --only "bnjax,flax.linen two-pass,flax.nnx,equinox,jnp+autodiff,torch,torch NCHW,torch channels_last,proto: guarded one-pass vjp" \
+  2>&1 | tee "$out/ops.log"
+
+timeout "${HLO_TIMEOUT:-45}" "$python" -m benchmarks.hlo --prototypes --shape "${HLO_SHAPE:-65536,1024}" \
+  --only "bnjax,flax.linen,flax.linen two-pass,jnp+autodiff,proto: guarded one-pass vjp" 2>&1 | tee "$out/hlo.log"
+
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
+  -n "${TEST_WORKERS:-8}" --continue-on-collection-errors tests --ignore tests/test_readme.py --ignore tests/test_benchmarks.py \
+  --ignore tests/test_experiments.py --ignore tests/test_launch.py 2>&1 | tee "$out/tests.log" | tail -40
