@@ -4,9 +4,11 @@
 # 1. versions and a one-call smoke test of bnjax on the GPU;
 # 2. the op benchmark at GPU sizes, bnjax against flax.linen, flax.nnx, Equinox, jnp+autodiff, PyTorch on CUDA
 #    (when the installed PyTorch has CUDA) and the HBM bandwidth floor, every output checked in float64;
-# 3. the optimised-HLO anatomy of the forward+backward (kernels and passes over memory) on the GPU;
+# 3. the accuracy of each formulation's batch statistics on the GPU (benchmarks/prototypes.py), and the
+#    optimised-HLO anatomy of the forward and forward+backward (kernels, passes over memory);
 # 4. the test suite's single-device tests on the GPU (tests needing 8 devices skip themselves).
-# Each step writes its log to OUT_DIR and a failed step does not stop the later ones.
+# Each step writes its log to OUT_DIR and a failed step does not stop the later ones. GPU_ONLY, GPU_SHAPES,
+# HLO_SHAPE and the *_TIMEOUT variables narrow a run.
 set -u
 out=${1:-benchmarks/out/gpu}
 mkdir -p "$out"
@@ -26,11 +28,13 @@ grep -q "bnjax smoke:" "$out/smoke.log" || exit 1
 
 timeout "${OPS_TIMEOUT:-300}" "$python" -m benchmarks.ops --out "$out/ops" --prototypes \
   --shapes "${GPU_SHAPES:-65536x1024,256x56x56x256}" \
-  --only "bnjax,flax.linen two-pass,flax.nnx,equinox,jnp+autodiff,torch,torch NCHW,torch channels_last,proto: guarded one-pass vjp" \
+  --only "${GPU_ONLY:-bnjax,flax.linen two-pass,flax.nnx,equinox,jnp+autodiff,torch,torch NCHW,torch channels_last,proto: guarded one-pass vjp,proto: Chan one-pass vjp}" \
   2>&1 | tee "$out/ops.log"
 
+timeout 60 "$python" -m benchmarks.prototypes --shape "${HLO_SHAPE:-65536,1024}" 2>&1 | tee "$out/accuracy.log"
+
 timeout "${HLO_TIMEOUT:-45}" "$python" -m benchmarks.hlo --prototypes --shape "${HLO_SHAPE:-65536,1024}" \
-  --only "bnjax,flax.linen,flax.linen two-pass,jnp+autodiff,proto: guarded one-pass vjp" 2>&1 | tee "$out/hlo.log"
+  --only "bnjax,flax.linen,flax.linen two-pass,jnp+autodiff,proto: guarded one-pass vjp,proto: Chan one-pass vjp" 2>&1 | tee "$out/hlo.log"
 
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
   -n "${TEST_WORKERS:-8}" --continue-on-collection-errors tests --ignore tests/test_readme.py --ignore tests/test_benchmarks.py \

@@ -29,12 +29,18 @@ variance. Under `vmap` the cond becomes a select and both branches run (three pa
 (`stop_gradient`, known before x is read): S1 = sum(x - K), S2 = sum((x - K)^2), mean = K + S1 / m,
 var = S2 / m - (S1 / m)^2. It needs the fallback less often, but its reductions carry a broadcast operand.
 
+`proto: Chan one-pass vjp`: one variadic reduction of (count, mean, M2) whose combiner is Chan et al.'s merge
+(Welford's update). One read of x on a backend that emits it as one kernel, and no cancellation; but every
+merge rounds the running mean, so its error grows with |mean| / std where the two-pass form's does not.
+
 `proto: two-pass vjp + per-use converts`: `proto: two-pass vjp` for bfloat16 inputs, with every use of x and g
 converted to float32 on its own (behind an optimization barrier). A single shared `x.astype(float32)` that
 feeds several reductions is written out by XLA:CPU as a full-size float32 temporary (twice x's bytes, then
 read back by each reduction); separate conversions fuse into each consumer. Identical to the first for float32.
 """
 import itertools
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +117,29 @@ def _unshifted_guarded_stats(x, shift, f32):
   return _guarded_one_pass_stats(x, None, f32)
 
 
+def _chan_merge(a, b):
+  """Chan et al.'s merge of two partial (count, mean, M2); (0, 0, 0) is its identity."""
+  n_a, mean_a, m2_a = a
+  n_b, mean_b, m2_b = b
+  n = n_a + n_b
+  weight_b = n_b.astype(mean_a.dtype) / jnp.maximum(n, 1).astype(mean_a.dtype)
+  delta = mean_b - mean_a
+  return n, mean_a + delta * weight_b, m2_a + m2_b + delta * delta * n_a.astype(mean_a.dtype) * weight_b
+
+
+def _chan_one_pass_stats(x, shift, f32):
+  """Mean and variance in one read of x: a variadic reduction of (1, x, 0) per element whose combiner is Chan's
+  merge (Welford's update where one side is a single element). Stable, with no cancellation, but each merge
+  rounds the running mean, so its error grows with |mean| / std (unlike the two-pass form's)."""
+  del shift
+  values = f32(x)
+  axes = tuple(range(x.ndim - 1))
+  count, mean, m2 = jax.lax.reduce(
+      (jnp.ones(x.shape, jnp.int32), values, jnp.zeros_like(values)),
+      (jnp.int32(0), jnp.float32(0), jnp.float32(0)), _chan_merge, axes)
+  return mean, m2 / count
+
+
 def _make_batch_norm(stats_fn, epsilon, *, convert_per_use=False):
   """A custom_vjp batch norm over the last axis: (x, scale, bias, shift) -> (y, mean, var)."""
   f32 = _converter(convert_per_use)
@@ -165,6 +194,64 @@ IMPLEMENTATIONS = (
     ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
     ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
     ops.Implementation("proto: shifted guarded one-pass vjp", _build(_guarded_one_pass_stats)),
+    ops.Implementation("proto: Chan one-pass vjp", _build(_chan_one_pass_stats)),
     ops.Implementation("proto: two-pass vjp + per-use converts",
                        _build(_two_pass_stats, convert_per_use=True)),
 )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accuracy of each formulation's statistics on the backend at hand (reductions differ in order per backend).
+
+ACCURACY_LOCATIONS = (0.0, 30.0, 1e4)   # x = location + N(0, 1): |mean| / std from 0 to where one pass fails
+
+
+def accuracy(shape=(65536, 1024), locations=ACCURACY_LOCATIONS, seed=0) -> list[dict]:
+  """Worst feature's mean error (in units of the std) and variance relative error, against float64, for bnjax's
+  `moments`, Flax's one-pass formula and every prototype's statistics, at x = location + N(0, 1) in float32."""
+  import bnjax  # pylint: disable=g-import-not-at-top
+
+  def flax_one_pass(x, shift, f32):
+    del shift
+    mean = jnp.mean(f32(x), axis=tuple(range(x.ndim - 1)))
+    return mean, jnp.maximum(jnp.mean(jnp.square(f32(x)), axis=tuple(range(x.ndim - 1))) - mean * mean, 0.0)
+
+  formulations = {"bnjax.moments": lambda x, shift, f32: bnjax.moments(x),
+                  "flax one-pass E[x^2]-E[x]^2": flax_one_pass,
+                  "proto: two-pass": _two_pass_stats,
+                  "proto: guarded one-pass": _unshifted_guarded_stats,
+                  "proto: Chan one-pass": _chan_one_pass_stats}
+  rows = []
+  for location in locations:
+    x = (location + np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want_mean, want_var = x64.mean(axis=0), x64.var(axis=0)
+    x_device = jnp.asarray(x)
+    for name, stats in formulations.items():
+      mean, var = jax.jit(lambda x, stats=stats: stats(x, None, lambda a: a))(x_device)
+      rows.append({"formulation": name, "location": location, "backend": jax.default_backend(),
+                   "mean_error_in_std": float(np.max(np.abs(np.asarray(mean, np.float64) - want_mean)
+                                                     / np.sqrt(want_var))),
+                   "var_relative_error": float(np.max(np.abs(np.asarray(var, np.float64) / want_var - 1.0)))})
+  return rows
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.prototypes",
+                                   description="accuracy of each formulation's batch statistics, against float64")
+  parser.add_argument("--shape", default="65536,1024")
+  args = parser.parse_args(argv)
+  rows = accuracy(tuple(int(d) for d in args.shape.split(",")))
+  print(f"x = location + N(0, 1), float32, shape {args.shape}, on {jax.devices()[0].device_kind}; worst feature")
+  from benchmarks import _harness  # pylint: disable=g-import-not-at-top
+  print(_harness.markdown_table(
+      ("formulation", "|mean| / std", "mean error / std", "var relative error"),
+      [(r["formulation"], f"{r['location']:g}", f"{r['mean_error_in_std']:.1e}", f"{r['var_relative_error']:.1e}")
+       for r in rows]))
+  return 0
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit(main())

@@ -15,6 +15,8 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+# The tests compare float32 numerics; GPUs would otherwise run float32 matmuls in TF32 (10-bit mantissa).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_configure(config):

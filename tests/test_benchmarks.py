@@ -282,3 +282,14 @@ def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
   assert combine.main([str(run_dir), "--summary"]) == 0
   table = capsys.readouterr().out
   assert "0.50" in table and "0.25" not in table
+
+
+def test_accuracy_report_separates_exact_stable_and_cancelling_formulations():
+  from benchmarks import prototypes  # pylint: disable=g-import-not-at-top
+  rows = {(r["formulation"], r["location"]): r for r in prototypes.accuracy((4096, 4), locations=(0.0, 1e4))}
+  for name in ("bnjax.moments", "proto: two-pass", "proto: guarded one-pass"):
+    assert rows[name, 1e4]["var_relative_error"] < 1e-5
+  assert rows["flax one-pass E[x^2]-E[x]^2", 1e4]["var_relative_error"] > 0.1
+  # Chan's merges never cancel, but each rounds the running mean: stable, not exact.
+  assert rows["proto: Chan one-pass", 0.0]["var_relative_error"] < 1e-5
+  assert rows["proto: Chan one-pass", 1e4]["var_relative_error"] < 1e-2

@@ -126,5 +126,6 @@ def test_large_mean_where_flax_default_fails():
   module = nn.BatchNorm(use_running_average=False)
   y_flax, _ = module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])
   y_ours, _ = bnjax.batch_norm(x, *bnjax.init(4), train=True)
-  assert np.all(np.std(np.asarray(y_flax), axis=0) > 100)  # flax's one-pass E[x^2] - E[x]^2
+  # flax's one-pass E[x^2] - E[x]^2 loses the variance (how badly depends on the backend's summation order)
+  assert np.all(np.abs(np.std(np.asarray(y_flax), axis=0) - 1.0) > 0.5)
   np.testing.assert_allclose(np.std(np.asarray(y_ours), axis=0), 1.0, atol=1e-3)
