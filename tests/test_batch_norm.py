@@ -212,7 +212,8 @@ def test_vmap_over_an_ensemble_keeps_members_apart():
     p_i, s_i = jax.tree.map(lambda a: a[i], (params, stats))
     y_i, ns_i = bnjax.batch_norm(xs[i], p_i, s_i, train=True)
     np.testing.assert_allclose(ys[i], y_i, atol=1e-6)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], new_stats), ns_i)
+    # atol: a near-zero running mean, summed in another order under vmap (GPUs), is off in its last bits.
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], new_stats), ns_i, atol=1e-7)
 
 
 def test_no_retracing_for_new_array_values():
