@@ -127,7 +127,7 @@ def _version(module_name: str) -> str | None:
   return getattr(module, "__version__", None)
 
 
-def _jax_device() -> dict[str, str]:
+def jax_device() -> dict[str, str]:
   """JAX's default backend and device kind, when the benchmark process has imported jax (a parent process that
   only launches workers has not, and must not initialise a backend for this)."""
   jax = sys.modules.get("jax")
@@ -146,7 +146,7 @@ def machine_info() -> dict[str, Any]:
       "python": platform.python_version(),
       "versions": {name: _version(name) for name in
                    ("jax", "jaxlib", "flax", "optax", "haiku", "equinox", "torch", "numpy", "bnjax")},
-      **_jax_device(),
+      **jax_device(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       # glibc.malloc.hugetlb=1 backs large buffers with transparent huge pages, which changes the cost of
       # every fresh output buffer (see RESULTS.md); the same setting applies to every implementation of a run.

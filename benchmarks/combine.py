@@ -77,7 +77,8 @@ def combine_train(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       row[column] = _median([r[column] for r in rows])
     row["p25_ms"] = row["p75_ms"] = None
     row["rounds"] = sum(r["rounds"] for r in rows)
-    row["max_error"] = max(r["max_error"] for r in rows)
+    errors = [r["max_error"] for r in rows if r["max_error"] is not None]
+    row["max_error"] = max(errors) if errors else None   # None: skipped in every run
     combined.append(row)
   return combined
 

@@ -6,9 +6,11 @@
 #    (when the installed PyTorch has CUDA) and the HBM bandwidth floor, every output checked in float64;
 # 3. the accuracy of each formulation's batch statistics on the GPU (benchmarks/prototypes.py), and the
 #    optimised-HLO anatomy of the forward and forward+backward (kernels, passes over memory);
-# 4. the test suite's single-device tests on the GPU (tests needing 8 devices skip themselves).
+# 4. the training step on the GPU at two batch sizes, bnjax and flax.linen layers against the prototypes'
+#    (the guarded one-pass layer's lax.cond is a host round trip per layer that only a whole step shows);
+# 5. the test suite's single-device tests on the GPU (tests needing 8 devices skip themselves).
 # Each step writes its log to OUT_DIR and a failed step does not stop the later ones. GPU_ONLY, GPU_SHAPES,
-# HLO_SHAPE and the *_TIMEOUT variables narrow a run.
+# HLO_SHAPE, TRAIN_BATCHES and the *_TIMEOUT variables narrow a run.
 set -u
 out=${1:-benchmarks/out/gpu}
 mkdir -p "$out"
@@ -35,6 +37,11 @@ timeout 60 "$python" -m benchmarks.prototypes --shape "${HLO_SHAPE:-65536,1024}"
 
 timeout "${HLO_TIMEOUT:-45}" "$python" -m benchmarks.hlo --prototypes --shape "${HLO_SHAPE:-65536,1024}" \
   --only "bnjax,flax.linen,flax.linen two-pass,jnp+autodiff,proto: guarded one-pass vjp,proto: Chan one-pass vjp" 2>&1 | tee "$out/hlo.log"
+
+for batch in ${TRAIN_BATCHES:-256 4096}; do
+  timeout "${TRAIN_TIMEOUT:-90}" "$python" -m benchmarks.train --platform "$JAX_PLATFORMS" --prototypes \
+    --batch-size "$batch" --out "$out/train_$batch" 2>&1 | tee "$out/train_$batch.log"
+done
 
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
   -n "${TEST_WORKERS:-8}" --continue-on-collection-errors tests --ignore tests/test_readme.py --ignore tests/test_benchmarks.py \

@@ -3,10 +3,12 @@
 These are benchmark scratch code, not library code: feature-last input, no mask, no axis_name, reverse mode
 only (a `custom_vjp`; the core's `custom_jvp` also serves forward mode). They plug into the op benchmark and
 the HLO anatomy as extra implementations, so they are timed in the same interleaved rounds and checked against
-the same float64 reference as everything else:
+the same float64 reference as everything else; two of them also plug into the training-step benchmark as
+flax.linen layers:
 
   python -m benchmarks.ops --prototypes --only "bnjax,proto: guarded one-pass vjp" --dtypes float32
   python -m benchmarks.hlo --prototypes --only "bnjax,proto: guarded one-pass vjp"
+  python -m benchmarks.train --prototypes --modes "1 device"
 
 All share one closed-form backward, in which every full-size kernel is a plain affine map of its inputs:
 
@@ -170,6 +172,13 @@ def _make_batch_norm(stats_fn, epsilon, *, convert_per_use=False):
   return batch_norm
 
 
+def _train(batch_norm, x, scale, bias, running_mean, running_var, decay):
+  """Training mode: y, and the running statistics moved towards the batch's by `1 - decay`."""
+  y, mean, var = batch_norm(x, scale, bias, jax.lax.stop_gradient(running_mean))
+  mean, var = jax.lax.stop_gradient((mean, var))
+  return y, (decay * running_mean + (1 - decay) * mean, decay * running_var + (1 - decay) * var)
+
+
 def _build(stats_fn, **options):
   def build(case, data):
     batch_norm = _make_batch_norm(stats_fn, data.epsilon, **options)
@@ -178,11 +187,7 @@ def _build(stats_fn, **options):
     state = (jnp.asarray(data.mean0), jnp.asarray(data.var0))
 
     def forward(x, params, state):
-      running_mean, running_var = state
-      y, mean, var = batch_norm(x, *params, jax.lax.stop_gradient(running_mean))
-      mean, var = jax.lax.stop_gradient((mean, var))
-      return y, (data.decay * running_mean + (1 - data.decay) * mean,
-                 data.decay * running_var + (1 - data.decay) * var)
+      return _train(batch_norm, x, *params, *state, data.decay)
 
     return ops._jax_prepared(  # pylint: disable=protected-access
         case, forward, x, params, state, g, running=lambda s: s, param_grads=lambda p: p,
@@ -198,6 +203,52 @@ IMPLEMENTATIONS = (
     ops.Implementation("proto: two-pass vjp + per-use converts",
                        _build(_two_pass_stats, convert_per_use=True)),
 )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same formulations as flax.linen layers, for the training-step benchmark (`benchmarks.train --prototypes`):
+# an op benchmark times one call in isolation, while a step shows costs that only appear between kernels, such as
+# the guarded form's `lax.cond`, whose predicate an accelerator backend may copy to the host before branching.
+
+LAYER_STATS = {"proto: two-pass": _two_pass_stats, "proto: guarded one-pass": _unshifted_guarded_stats}
+
+
+def layer_classes() -> dict:
+  """name -> a flax.linen batch norm class with `flax.linen.BatchNorm`'s arguments and variables (features last,
+  no `axis_name`) whose training-mode statistics are the prototype's."""
+  return {name: _layer_class(stats_fn) for name, stats_fn in LAYER_STATS.items()}
+
+
+def _layer_class(stats_fn):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class BatchNorm(nn.Module):   # named like flax's, so that its variables get the same paths
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      if self.axis_name is not None:
+        raise ValueError(f"a prototype layer reduces over one device's batch and takes no axis_name, got "
+                         f"axis_name={self.axis_name!r}")
+      features = (x.shape[-1],)
+      scale = self.param("scale", nn.initializers.ones, features)
+      bias = self.param("bias", nn.initializers.zeros, features)
+      running_mean = self.variable("batch_stats", "mean", jnp.zeros, features)
+      running_var = self.variable("batch_stats", "var", jnp.ones, features)
+      if self.use_running_average:
+        a = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
+        return (x * a + (bias - running_mean.value * a)).astype(x.dtype)
+      batch_norm = _make_batch_norm(stats_fn, self.epsilon)
+      y, (new_mean, new_var) = _train(batch_norm, x, scale, bias, running_mean.value, running_var.value,
+                                      self.momentum)
+      if not self.is_initializing():   # as flax.linen.BatchNorm: initialising leaves the statistics at 0 and 1
+        running_mean.value, running_var.value = new_mean, new_var
+      return y
+
+  return BatchNorm
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,26 @@
 """Training-step benchmark: an MLP with batch norm, bnjax layers against flax.linen layers.
 
-  python -m benchmarks.train [--quick] [--out DIR] [--batch-size N] [--rounds N]
+  python -m benchmarks.train [--quick] [--out DIR] [--batch-size N] [--rounds N] [--modes M,...]
+                             [--platform cpu|cuda|rocm|tpu] [--devices N] [--prototypes]
 
 The model is Dense -> BatchNorm -> ReLU per hidden layer (784-1024-1024-1024-10 by default), trained with
 softmax cross-entropy and Optax SGD with momentum; the training state is donated to the step. Only the batch
 norm layer class differs between the two arms (`bnjax.nn.BatchNorm` is a drop-in for `flax.linen.BatchNorm`,
 same arguments and variables), so both start from the very same parameters.
 
-Three ways of running a step, each in a fresh worker process whose XLA_FLAGS fix the number of host devices
-before jax is imported:
-  1 device       jax.jit on one CPU device;
-  shard_map      8 host devices, the batch split over a `batch` mesh axis, batch statistics and gradients
+Three ways of running a step:
+  1 device       jax.jit on one device;
+  shard_map      N devices, the batch split over a `batch` mesh axis, batch statistics and gradients
                  synchronised with axis_name="batch";
-  sharded jit    8 host devices, the batch sharded with a NamedSharding, no axis name (XLA partitions it).
+  sharded jit    N devices, the batch sharded with a NamedSharding, no axis name (XLA partitions it).
+
+The steps run in fresh worker processes whose JAX_PLATFORMS is --platform. On the CPU (the default) each device
+count gets its own worker, whose XLA_FLAGS fix the number of host devices before jax is imported: 1, and
+N = --devices (default 8). On an accelerator platform one worker runs every mode on that platform's own devices,
+N being the first --devices of them (default all); the N-device modes are skipped, with the reason, where it has
+only one. `bnjax cpu_kernel` runs on the CPU only (elsewhere `implementation="cpu_kernel"` is the default path).
+`--prototypes` adds layers built on `benchmarks.prototypes` (the exact two-pass statistics and the guarded one-pass
+ones with their `lax.cond`) to the modes without an axis name.
 
 Correctness: every configuration's first step (loss and the updated parameters and batch statistics) is
 compared with a plain one-device flax.linen step on the same global batch, computed in the same worker;
@@ -35,22 +43,36 @@ from benchmarks import _harness
 FULL_LAYERS = (784, 1024, 1024, 1024, 10)
 QUICK_LAYERS = (64, 32, 32, 10)
 MODES = ("1 device", "shard_map", "sharded jit")
-IMPLEMENTATIONS = ("bnjax", "bnjax cpu_kernel", "flax.linen")   # the keys of layer_classes()
-WORKER_DEVICES = {"1 device": 1, "shard_map": 8, "sharded jit": 8}
+IMPLEMENTATIONS = ("bnjax", "bnjax cpu_kernel", "flax.linen")   # the keys of layer_classes() on the CPU
+WORKER_DEVICES = {"1 device": 1, "shard_map": 8, "sharded jit": 8}   # on the CPU with the default --devices
 BASELINE = "flax.linen"
 MOMENTUM = 0.9          # batch norm running-average decay
 LEARNING_RATE = 0.05
 TOLERANCE = 2e-4        # relative to the largest magnitude of each compared array
 
 
-def layer_classes() -> dict[str, Callable[..., Any]]:
+def layer_classes(platform: str = "cpu", prototypes: bool = False) -> dict[str, Callable[..., Any]]:
   """name -> a flax.linen batch norm class taking flax.linen.BatchNorm's arguments."""
   import functools  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import bnjax.nn  # pylint: disable=g-import-not-at-top
-  return {"bnjax": bnjax.nn.BatchNorm,
-          "bnjax cpu_kernel": functools.partial(bnjax.nn.BatchNorm, implementation="cpu_kernel"),
-          BASELINE: nn.BatchNorm}
+  classes = {"bnjax": bnjax.nn.BatchNorm}
+  if platform == "cpu":
+    classes["bnjax cpu_kernel"] = functools.partial(bnjax.nn.BatchNorm, implementation="cpu_kernel")
+  classes[BASELINE] = nn.BatchNorm
+  if prototypes:
+    from benchmarks import prototypes as prototypes_lib  # pylint: disable=g-import-not-at-top
+    classes.update(prototypes_lib.layer_classes())
+  return classes
+
+
+def _skip_reason(mode: str, name: str, devices: int) -> str | None:
+  """Why `name` cannot run in `mode` on `devices` devices, or None."""
+  if mode != "1 device" and devices < 2:
+    return f"{mode} needs at least 2 devices; the platform has {devices}"
+  if mode == "shard_map" and name.startswith("proto:"):
+    return "the prototypes take no axis_name"
+  return None
 
 
 def make_model(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | None):
@@ -99,15 +121,18 @@ def make_step(model, tx, axis_name: str | None) -> Callable:
   return step
 
 
-def compile_step(mode: str, model_for: Callable[[str | None], Any], tx, state: TrainState, x, labels):
-  """The jitted, state-donating step for `mode`, and its (state, x, labels) placed as it expects."""
+def compile_step(mode: str, model_for: Callable[[str | None], Any], tx, state: TrainState, x, labels,
+                 devices: Sequence[Any] | None = None):
+  """The jitted, state-donating step for `mode`, and its (state, x, labels) placed as it expects; the N-device
+  modes run on `devices` (default: all of the default backend's)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   if mode == "1 device":
     return jax.jit(make_step(model_for(None), tx, None), donate_argnums=0), (state, x, labels)
+  devices = list(devices or jax.devices())
   # Auto axes: the classic sharded jit that XLA partitions, as bnjax.training.batch_mesh builds it.
-  mesh = jax.make_mesh((len(jax.devices()),), ("batch",), axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh((len(devices),), ("batch",), axis_types=(AxisType.Auto,), devices=devices)
   replicated, by_batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
   args = (jax.device_put(state, replicated), jax.device_put(x, by_batch), jax.device_put(labels, by_batch))
   if mode == "shard_map":
@@ -159,14 +184,17 @@ class Row:
 
 
 def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, rounds: int, warmup: int,
-               seed: int = 0, classes: dict[str, Callable[..., Any]] | None = None) -> list[dict[str, Any]]:
-  """Checks and times every (layer class, mode) on this process's devices; returns Row dicts."""
+               seed: int = 0, classes: dict[str, Callable[..., Any]] | None = None,
+               devices: int | None = None) -> list[dict[str, Any]]:
+  """Checks and times every (layer class, mode) on this process's devices (the N-device modes on the first
+  `devices` of them, default all); returns Row dicts."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  classes = classes or layer_classes()
+  classes = classes or layer_classes(jax.default_backend())
+  mesh_devices = jax.devices()[:devices]
   tx = optax.sgd(LEARNING_RATE, momentum=0.9)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((batch_size, layers[0]), dtype=np.float32))
@@ -186,12 +214,17 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
   for mode in modes:
     for name, norm in classes.items():
       key = f"{name} | {mode}"
-      row = Row(mode=mode, implementation=name, devices=len(jax.devices()), batch_size=batch_size,
-                layers=list(layers))
+      row = Row(mode=mode, implementation=name, devices=1 if mode == "1 device" else len(mesh_devices),
+                batch_size=batch_size, layers=list(layers))
       rows[key] = row
+      skip = _skip_reason(mode, name, len(mesh_devices))
+      if skip:
+        row.check, row.error = "skipped", skip
+        continue
       try:
         step, (state, xs, ys) = compile_step(
-            mode, lambda axis_name, norm=norm: make_model(layers, norm, axis_name), tx, fresh_state(), x, labels)
+            mode, lambda axis_name, norm=norm: make_model(layers, norm, axis_name), tx, fresh_state(), x, labels,
+            mesh_devices)
         row.compile_s = _harness.compile_seconds(step, state, xs, ys)
         state, loss = step(state, xs, ys)
         errors = _relative_errors(jax.device_get((state, loss)), reference)
@@ -221,24 +254,29 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
   return [dataclasses.asdict(row) for row in rows.values()]
 
 
-def _spawn_worker(devices: int, modes: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-  """Runs `modes` in a fresh interpreter with `devices` host devices; returns its rows."""
+def _spawn_worker(modes: Sequence[str], args: argparse.Namespace,
+                  host_devices: int | None = None) -> dict[str, Any]:
+  """Runs `modes` in a fresh interpreter on `args.platform` (with `host_devices` devices on the CPU); returns its
+  {"rows": [...], "device": {...}}."""
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_PLATFORMS"] = args.platform
+  if host_devices is not None:
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={host_devices}"])
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "rows.json")
     command = [sys.executable, "-m", "benchmarks.train", "--worker", out, "--modes", ",".join(modes),
-               "--rounds", str(args.rounds), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-    if args.quick:
-      command.append("--quick")
+               "--rounds", str(args.rounds), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+               "--platform", args.platform]
+    if args.devices is not None:
+      command += ["--devices", str(args.devices)]
+    command += ["--quick"] * args.quick + ["--prototypes"] * args.prototypes
     completed = subprocess.run(command, env=env, cwd=_repo_root(), check=False)
     if completed.returncode != 0 or not os.path.exists(out):
-      return [dataclasses.asdict(Row(mode=m, implementation=name, devices=devices, batch_size=args.batch_size,
-                                     layers=[], check="ERROR",
-                                     error=f"worker exited with status {completed.returncode}"))
-              for m in modes for name in IMPLEMENTATIONS]
+      return {"rows": [dataclasses.asdict(Row(mode=m, implementation="(worker)", devices=host_devices or 0,
+                                              batch_size=args.batch_size, layers=[], check="ERROR",
+                                              error=f"worker exited with status {completed.returncode}"))
+                       for m in modes], "device": {}}
     with open(out) as f:
       return json.load(f)
 
@@ -256,7 +294,7 @@ def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequenc
     spread = "-" if row["p25_ms"] is None else f"{row['p25_ms']:.2f}-{row['p75_ms']:.2f}"
     check = row["check"] if row["max_error"] is None else f"{row['check']} ({row['max_error']:.1e})"
     if row["error"]:
-      check = f"ERROR: {row['error'][:80]}"
+      check = f"{row['check']}: {row['error'][:80]}"
     return [row["mode"], row["implementation"], row["devices"], row["batch_size"],
             "-" if row["median_ms"] is None else f"{row['median_ms']:.2f}", spread,
             "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.0f}",
@@ -283,8 +321,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per configuration (default 31)")
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--platform", default="cpu",
+                      help="JAX_PLATFORMS of the workers: cpu (host devices, the default), cuda, rocm, tpu")
+  parser.add_argument("--devices", type=int, default=None,
+                      help="devices of the shard_map and sharded jit modes (CPU: host devices, default 8; "
+                           "accelerators: the first N, default all)")
+  parser.add_argument("--prototypes", action="store_true",
+                      help="also time the layers of benchmarks.prototypes (modes without an axis name)")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: write rows here
   args = parser.parse_args(argv)
+  if args.devices is not None and args.devices < 1:
+    parser.error(f"--devices must be at least 1, got {args.devices}")
   args.batch_size = args.batch_size or (64 if args.quick else 256)
   args.rounds = args.rounds or (3 if args.quick else 31)
   unknown = set(args.modes.split(",")) - set(MODES)
@@ -300,14 +347,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   modes = args.modes.split(",")
   if args.worker:
     rows = run_worker(modes, layers=layers, batch_size=args.batch_size, rounds=args.rounds,
-                      warmup=1 if args.quick else 3, seed=args.seed)
+                      warmup=1 if args.quick else 3, seed=args.seed,
+                      classes=layer_classes(args.platform, args.prototypes), devices=args.devices)
     with open(args.worker, "w") as f:
-      json.dump(rows, f)
+      json.dump({"rows": rows, "device": _harness.jax_device()}, f)
     return 0
   info = _harness.machine_info()
-  rows = []
-  for devices in sorted({WORKER_DEVICES[m] for m in modes}):
-    rows += _spawn_worker(devices, [m for m in modes if WORKER_DEVICES[m] == devices], args)
+  if args.platform == "cpu":
+    host_devices = {mode: 1 if mode == "1 device" else (args.devices or 8) for mode in modes}
+    workers = [_spawn_worker([m for m in modes if host_devices[m] == n], args, host_devices=n)
+               for n in sorted(set(host_devices.values()))]
+  else:
+    workers = [_spawn_worker(modes, args)]
+  rows = [row for worker in workers for row in worker["rows"]]
+  for worker in workers:
+    info.update(worker["device"])   # the platform and device kind the steps ran on
   info["load_average_end"] = os.getloadavg()
   markdown = render(rows, info, layers)
   print(markdown)
@@ -319,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   verdicts = [{"target": "training throughput >= flax.linen", "implementation": row["implementation"],
                "mode": row["mode"], "ratio": row["x_flax"],
                "met": row["x_flax"] is not None and row["x_flax"] <= 1.0}
-              for row in rows if row["implementation"] != BASELINE]
+              for row in rows if row["implementation"] in IMPLEMENTATIONS and row["implementation"] != BASELINE
+              and row["check"] != "skipped"]
   payload = {"benchmark": "train", "quick": args.quick, "rounds": args.rounds, "layers": list(layers),
              "batch_size": args.batch_size, "machine": info, "tolerance": TOLERANCE, "rows": rows,
              "targets": verdicts, "all_checks_passed": not failed}

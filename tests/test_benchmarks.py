@@ -6,6 +6,7 @@ with the float64 reference, and that a disagreement fails the run.
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from benchmarks import _harness
 from benchmarks import _reference
 from benchmarks import ops
+from benchmarks import prototypes
 from benchmarks import train
 
 
@@ -159,6 +161,52 @@ def test_train_quick_every_configuration_runs_and_passes(tmp_path):
   assert status == 0 and results["all_checks_passed"]
 
 
+def test_train_prototype_layers_and_modes_without_enough_devices(tmp_path):
+  status = train.main(["--quick", "--prototypes", "--modes", "1 device,shard_map", "--devices", "1",
+                       "--out", str(tmp_path)])
+  rows = {(row["mode"], row["implementation"]): row for row in _load(tmp_path)["rows"]}
+  names = list(train.IMPLEMENTATIONS) + list(prototypes.LAYER_STATS)
+  assert set(rows) == {(mode, name) for mode in ("1 device", "shard_map") for name in names}
+  assert all(rows["1 device", name]["check"] == "pass" for name in names), rows
+  assert all(rows["shard_map", name]["check"] == "skipped" and "at least 2 devices" in rows["shard_map", name]["error"]
+             for name in names)
+  assert status == 0
+
+
+def test_train_on_an_accelerator_runs_one_worker_on_its_own_devices(tmp_path, monkeypatch):
+  spawned = []
+
+  def fake_worker(modes, args, host_devices=None):
+    spawned.append((list(modes), args.platform, host_devices))
+    rows = [dataclasses.asdict(train.Row(mode=mode, implementation=name, devices=1, batch_size=8, layers=[],
+                                         median_ms=1.0, x_flax=1.0, check="pass", max_error=0.0))
+            for mode in modes for name in ("bnjax", train.BASELINE)]
+    return {"rows": rows, "device": {"jax_backend": "gpu", "jax_device": "NVIDIA H100"}}
+
+  monkeypatch.setattr(train, "_spawn_worker", fake_worker)
+  assert train.main(["--quick", "--platform", "cuda", "--out", str(tmp_path)]) == 0
+  assert spawned == [(list(train.MODES), "cuda", None)]   # no host-device flags, every mode in one process
+  results = _load(tmp_path)
+  assert "NVIDIA H100 (gpu)" in (tmp_path / "results.md").read_text()
+  assert [t["implementation"] for t in results["targets"]] == ["bnjax"] * len(train.MODES)
+  assert train.layer_classes("cuda").keys() == {"bnjax", train.BASELINE}   # the CPU kernels are CPU-only
+
+
+def test_prototype_layer_matches_flax_and_refuses_an_axis_name():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = 1e4 + jax.random.normal(jax.random.key(0), (64, 8))   # the guarded layer must take its exact branch
+  flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.9, use_fast_variance=False)
+  variables = flax_layer.init(jax.random.key(1), x)
+  want, want_state = flax_layer.apply(variables, x, mutable=["batch_stats"])
+  for name, layer_class in prototypes.layer_classes().items():
+    layer = layer_class(use_running_average=False, momentum=0.9)
+    assert jax.tree.structure(layer.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    got, got_state = layer.apply(variables, x, mutable=["batch_stats"])
+    chex.assert_trees_all_close((got, got_state), (want, want_state), rtol=1e-5, atol=1e-3, custom_message=name)
+    with pytest.raises(ValueError, match="axis_name"):
+      layer_class(axis_name="batch").init(jax.random.key(1), x)
+
+
 def test_train_check_fails_a_wrong_layer():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
@@ -211,7 +259,6 @@ def test_hlo_anatomy_counts_passes_and_temporaries():
 
 
 def test_prototypes_pass_the_check_and_the_guard_keeps_the_variance_exact():
-  from benchmarks import prototypes  # pylint: disable=g-import-not-at-top
   for mode in ops.MODES:
     rows = ops.run_case(ops.Case((32, 16), "float32", mode), prototypes.IMPLEMENTATIONS, rounds=1, warmup=0)
     assert [row.check for row in rows] == ["pass"] * len(prototypes.IMPLEMENTATIONS)
@@ -285,7 +332,6 @@ def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
 
 
 def test_accuracy_report_separates_exact_stable_and_cancelling_formulations():
-  from benchmarks import prototypes  # pylint: disable=g-import-not-at-top
   rows = {(r["formulation"], r["location"]): r for r in prototypes.accuracy((4096, 4), locations=(0.0, 1e4))}
   for name in ("bnjax.moments", "proto: two-pass", "proto: guarded one-pass"):
     assert rows[name, 1e4]["var_relative_error"] < 1e-5
