@@ -206,9 +206,13 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
     params = jax.tree.map(jnp.copy, variables["params"])
     return TrainState(params, jax.tree.map(jnp.copy, variables["batch_stats"]), tx.init(params))
 
-  # The reference: one plain one-device flax.linen step on the whole batch.
+  # The reference: one plain one-device flax.linen step on the whole batch. The checked steps multiply in full
+  # float32 precision (GPUs default to TF32, which would hide the layers' differences under the matmuls'); the
+  # timed steps then run at the backend's default precision, as users run them.
+  check_precision = jax.default_matmul_precision("highest")
   reference_step = jax.jit(make_step(baseline_model, tx, None))
-  reference = jax.device_get(reference_step(fresh_state(), x, labels))
+  with check_precision:
+    reference = jax.device_get(reference_step(fresh_state(), x, labels))
 
   rows, calls = {}, {}
   for mode in modes:
@@ -226,7 +230,8 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
             mode, lambda axis_name, norm=norm: make_model(layers, norm, axis_name), tx, fresh_state(), x, labels,
             mesh_devices)
         row.compile_s = _harness.compile_seconds(step, state, xs, ys)
-        state, loss = step(state, xs, ys)
+        with check_precision:
+          state, loss = step(state, xs, ys)
         errors = _relative_errors(jax.device_get((state, loss)), reference)
         worst = max(errors, key=errors.get)
         row.max_error, row.worst_leaf = errors[worst], worst
