@@ -210,13 +210,9 @@ def test_prototype_layer_matches_flax_and_refuses_an_axis_name():
 def test_train_check_fails_a_wrong_layer():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  class BatchNorm(nn.Module):   # named like flax's, so its variables get the same paths
+  class BatchNorm(nn.BatchNorm):   # flax's fields and name, so its variables get the same paths
     """flax.linen.BatchNorm's variables and forward, but the batch statistics treated as constants in the
     backward: the loss of the first step is right, the gradients are not."""
-    use_running_average: bool = False
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x):
