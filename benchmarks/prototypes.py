@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from benchmarks import _reference
 from benchmarks import ops
+from bnjax._src import moments as moments_lib
 
 # Recompute the variance exactly when (mean - K)^2 exceeds this multiple of it: float32 then keeps at least
 # 24 - log2(1 + 2^8) ~ 16 bits of the variance.
@@ -70,11 +71,7 @@ def _converter(per_use: bool):
   def convert(a):
     if a.dtype == jnp.float32:
       return a
-    # The i-th use goes through i nested barriers: identical barriers would be merged by CSE back into one
-    # shared conversion (and a tag operand that nothing reads is dropped first).
-    for _ in range(next(uses)):
-      a = jax.lax.optimization_barrier(a)
-    return a.astype(jnp.float32)
+    return moments_lib.upcast(a, jnp.float32, next(uses))   # the core's per-use conversion (adopted from here)
 
   return convert
 

@@ -44,7 +44,15 @@ FULL_LAYERS = (784, 1024, 1024, 1024, 10)
 QUICK_LAYERS = (64, 32, 32, 10)
 MODES = ("1 device", "shard_map", "sharded jit")
 IMPLEMENTATIONS = ("bnjax", "bnjax cpu_kernel", "flax.linen")   # the keys of layer_classes() on the CPU
-WORKER_DEVICES = {"1 device": 1, "shard_map": 8, "sharded jit": 8}   # on the CPU with the default --devices
+DEFAULT_HOST_DEVICES = 8
+
+
+def cpu_worker_devices(mode: str, devices: int | None = None) -> int:
+  """The host devices of the CPU worker that runs `mode`: 1, or `devices` (default 8) for the N-device modes."""
+  return 1 if mode == "1 device" else devices or DEFAULT_HOST_DEVICES
+
+
+WORKER_DEVICES = {mode: cpu_worker_devices(mode) for mode in MODES}   # on the CPU with the default --devices
 BASELINE = "flax.linen"
 MOMENTUM = 0.9          # batch norm running-average decay
 LEARNING_RATE = 0.05
@@ -359,9 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   info = _harness.machine_info()
   if args.platform == "cpu":
-    host_devices = {mode: 1 if mode == "1 device" else (args.devices or 8) for mode in modes}
-    workers = [_spawn_worker([m for m in modes if host_devices[m] == n], args, host_devices=n)
-               for n in sorted(set(host_devices.values()))]
+    counts = {mode: cpu_worker_devices(mode, args.devices) for mode in modes}
+    workers = [_spawn_worker([m for m in modes if counts[m] == n], args, host_devices=n)
+               for n in sorted(set(counts.values()))]
   else:
     workers = [_spawn_worker(modes, args)]
   rows = [row for worker in workers for row in worker["rows"]]

@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -278,6 +279,17 @@ void Backward(ffi::ThreadPool& pool, const T* x, const T* g, const float* mu, co
   });
 }
 
+// Calls fn with a null pointer of the element type that holds x's values: float for float32, uint16_t
+// (the bits) for bfloat16. CheckInput has admitted no other type.
+template <typename Fn>
+void WithElementType(ffi::DataType type, Fn fn) {
+  if (type == ffi::DataType::F32) {
+    fn(static_cast<float*>(nullptr));
+  } else {
+    fn(static_cast<uint16_t*>(nullptr));
+  }
+}
+
 ffi::Error CheckInput(const ffi::AnyBuffer& x, const char* name) {
   if (x.dimensions().size() != 3) {
     return ffi::Error::InvalidArgument(std::string(name) + " must be viewed as [A, C, B]");
@@ -293,12 +305,11 @@ ffi::Error MomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                        ffi::Result<ffi::BufferR1<ffi::F32>> m2) {
   if (ffi::Error e = CheckInput(x, "x"); e.failure()) return e;
   auto d = x.dimensions();
-  if (x.element_type() == ffi::DataType::F32) {
-    Moments(pool, x.typed_data<float>(), d[0], d[1], d[2], mean->typed_data(), m2->typed_data());
-  } else {
-    Moments(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), d[0], d[1], d[2],
-            mean->typed_data(), m2->typed_data());
-  }
+  WithElementType(x.element_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    Moments(pool, static_cast<const T*>(x.untyped_data()), d[0], d[1], d[2], mean->typed_data(),
+            m2->typed_data());
+  });
   return ffi::Error::Success();
 }
 
@@ -312,14 +323,11 @@ ffi::Error BackwardSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
     return ffi::Error::InvalidArgument("x and g must have the same dtype");
   }
   auto d = x.dimensions();
-  if (x.element_type() == ffi::DataType::F32) {
-    BackwardSums(pool, x.typed_data<float>(), g.typed_data<float>(), mu.typed_data(), d[0], d[1],
-                 d[2], sum_g->typed_data(), sum_gc->typed_data());
-  } else {
-    BackwardSums(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()),
-                 reinterpret_cast<const uint16_t*>(g.untyped_data()), mu.typed_data(), d[0],
-                 d[1], d[2], sum_g->typed_data(), sum_gc->typed_data());
-  }
+  WithElementType(x.element_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    BackwardSums(pool, static_cast<const T*>(x.untyped_data()), static_cast<const T*>(g.untyped_data()),
+                 mu.typed_data(), d[0], d[1], d[2], sum_g->typed_data(), sum_gc->typed_data());
+  });
   return ffi::Error::Success();
 }
 
@@ -335,18 +343,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g
     return ffi::Error::InvalidArgument("x, g and dx must have the same dtype");
   }
   auto d = x.dimensions();
-  if (x.element_type() == ffi::DataType::F32) {
-    Backward(pool, x.typed_data<float>(), g.typed_data<float>(), mu.typed_data(),
-             gain.typed_data(), mean_coef.typed_data(), proj_coef.typed_data(),
-             offset0.typed_data(), slope0.typed_data(), d[0], d[1], d[2], static_cast<float*>(dx->untyped_data()), sum_g->typed_data(),
-             sum_gc->typed_data());
-  } else {
-    Backward(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()),
-             reinterpret_cast<const uint16_t*>(g.untyped_data()), mu.typed_data(),
-             gain.typed_data(), mean_coef.typed_data(), proj_coef.typed_data(),
-             offset0.typed_data(), slope0.typed_data(), d[0], d[1], d[2], static_cast<uint16_t*>(dx->untyped_data()), sum_g->typed_data(),
-             sum_gc->typed_data());
-  }
+  WithElementType(x.element_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    Backward(pool, static_cast<const T*>(x.untyped_data()), static_cast<const T*>(g.untyped_data()),
+             mu.typed_data(), gain.typed_data(), mean_coef.typed_data(), proj_coef.typed_data(),
+             offset0.typed_data(), slope0.typed_data(), d[0], d[1], d[2],
+             static_cast<T*>(dx->untyped_data()), sum_g->typed_data(), sum_gc->typed_data());
+  });
   return ffi::Error::Success();
 }
 

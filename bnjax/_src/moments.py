@@ -30,6 +30,14 @@ def accumulation_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _behind_barriers(x, count: int):
+  """x behind `count` nested optimization barriers: identical barriers would be merged by CSE, nested ones
+  of different depths are not."""
+  for _ in range(count):
+    x = jax.lax.optimization_barrier(x)
+  return x
+
+
 def upcast(x, dtype, use: int):
   """`x.astype(dtype)` for the `use`-th place that reads x, kept apart from the other places.
 
@@ -40,9 +48,7 @@ def upcast(x, dtype, use: int):
   """
   if x.dtype == dtype:
     return x
-  for _ in range(use):
-    x = jax.lax.optimization_barrier(x)
-  return x.astype(dtype)
+  return _behind_barriers(x, use).astype(dtype)
 
 
 def downcast_sum(terms, dtype, shape):
@@ -60,9 +66,7 @@ def downcast_sum(terms, dtype, shape):
     return jnp.broadcast_to(total, shape)
   total = None
   for use, t in enumerate(terms):
-    t = jnp.broadcast_to(t, shape).astype(dtype)
-    for _ in range(use):
-      t = jax.lax.optimization_barrier(t)
+    t = _behind_barriers(jnp.broadcast_to(t, shape).astype(dtype), use)
     total = t if total is None else total + t
   return total
 
