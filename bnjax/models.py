@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from bnjax import nn as bn_nn
+from bnjax._src import checks
 from bnjax.nn import BatchNorm
 
 __all__ = ["MLP", "keras_article_model"]
@@ -57,7 +57,6 @@ class MLP(linen.Module):
     output_activation: applied to the logits when given.
     unbiased_running_var: each BatchNorm stores `m / (m - 1) * var` in its running variance (the paper's
       Algorithm 2, PyTorch's convention).
-    implementation: each BatchNorm's `implementation` (None: pure JAX; "cpu_kernel": bnjax's CPU kernels).
 
   Reference: S. Ioffe, C. Szegedy, "Batch Normalization", ICML 2015, Section 3.2.
   """
@@ -73,7 +72,6 @@ class MLP(linen.Module):
   dtype: Dtype | None = None
   output_activation: Callable[[Array], Array] | None = None
   unbiased_running_var: bool = False
-  implementation: str | None = None
 
   def __post_init__(self):
     features = self.features
@@ -89,10 +87,9 @@ class MLP(linen.Module):
       raise TypeError(f"activation must be callable, got {self.activation!r}")
     if self.output_activation is not None and not callable(self.output_activation):
       raise TypeError(f"output_activation must be callable or None, got {self.output_activation!r}")
-    _check_momentum(self.momentum)
-    _check_epsilon(self.epsilon)
-    _check_axis_name(self.axis_name, None)
-    _errors.check_implementation(self.implementation)
+    checks.check_decay(self.momentum, arg="momentum")
+    checks.check_epsilon(self.epsilon)
+    checks.axis_names(self.axis_name)
     super().__post_init__()
 
   def _normalized_layers(self) -> frozenset[int]:
@@ -162,7 +159,6 @@ class MLP(linen.Module):
       axis_name=self.axis_name,
       dtype=self.dtype,
       unbiased_running_var=self.unbiased_running_var,
-      implementation=self.implementation,
       name=f"BatchNorm_{i}",
     )
 
@@ -181,7 +177,7 @@ def keras_article_model(batch_norm: bool = True, *, momentum: float = 0.99, epsi
   `BatchNormalization(axis=1)`, which would normalize a size-1 axis; this model normalizes the 32 features
   of the hidden layer, which is what the article describes. `batch_norm=False` drops the BatchNorm.
   """
-  _check_bool(batch_norm, "batch_norm")
+  checks.check_bool(batch_norm, "batch_norm")
   if batch_norm:
     return MLP((16, 32, 2), activation=linen.relu, norm="post", norm_layers=(1,), momentum=momentum, epsilon=epsilon)
   return MLP((16, 32, 2), activation=linen.relu, norm=None, momentum=momentum, epsilon=epsilon)

@@ -23,7 +23,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 
 import bnjax
-from bnjax import nn as _nn
+from bnjax._src import checks
 
 __all__ = ["BatchNorm"]
 
@@ -72,9 +72,9 @@ class BatchNorm(nnx.Module):
   variables are the flattened feature array; a tuple `num_features` gives them that shape instead.
 
   Differences from flax, on purpose: the variance is always the stable one (`use_fast_variance` is
-  accepted and ignored, so outputs match `flax.nnx.BatchNorm(use_fast_variance=False)`); a `mask` selects
-  whole rows (x's shape without the feature axes, or broadcastable to x's shape and constant along the
-  feature axes); `epsilon` must be > 0; keyword-only extras `virtual_batch_size` (ghost batch norm),
+  accepted and ignored, so outputs match `flax.nnx.BatchNorm(use_fast_variance=False)`); a `mask` may
+  also have x's shape without the feature axes (whole rows), besides flax's broadcastable per-element
+  form; `epsilon` must be > 0; keyword-only extras `virtual_batch_size` (ghost batch norm),
   `unbiased_running_var` (running variance `m / (m - 1) * var`, as in the paper's Algorithm 2) and
   `running` (`"ema"`; `"ema_debiased"` and `"cumulative"` add an int32 `count` `nnx.BatchStat`) default
   to flax's behaviour.
@@ -101,8 +101,6 @@ class BatchNorm(nnx.Module):
     virtual_batch_size: ghost batch size, or None for the whole batch.
     unbiased_running_var: store the unbiased batch variance in the running variance.
     running: the running-statistics rule, one of `bnjax.RUNNING_RULES`.
-    implementation: None / "xla" (pure JAX) or "cpu_kernel" (bnjax's CPU kernels for the training-mode
-      reductions; see `bnjax.batch_norm`).
 
   Reference: S. Ioffe, C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
   Internal Covariate Shift", ICML 2015.
@@ -132,11 +130,10 @@ class BatchNorm(nnx.Module):
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     running: str = "ema",
-    implementation: str | None = None,
   ):
     feature_shape = _check_num_features(num_features)
-    _nn._check_optional_bool(use_running_average, "use_running_average")
-    _nn._check_common(
+    checks.layer_options(
+      use_running_average=use_running_average,
       axis=axis,
       momentum=momentum,
       epsilon=epsilon,
@@ -148,7 +145,6 @@ class BatchNorm(nnx.Module):
       virtual_batch_size=virtual_batch_size,
       unbiased_running_var=unbiased_running_var,
       running=running,
-      implementation=implementation,
     )
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
@@ -185,7 +181,6 @@ class BatchNorm(nnx.Module):
     self.virtual_batch_size = virtual_batch_size
     self.unbiased_running_var = unbiased_running_var
     self.running = running
-    self.implementation = implementation
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask: Array | None = None):
     """Normalizes `x` with the batch's statistics (training) or the running ones (evaluation).
@@ -201,9 +196,9 @@ class BatchNorm(nnx.Module):
     use_running_average = first_from(
       use_running_average, self.use_running_average, error_msg=_RUNNING_AVERAGE_MISSING
     )
-    _nn._check_optional_bool(use_running_average, "use_running_average")
+    checks.check_bool(use_running_average, "use_running_average")
     x = jnp.asarray(x)
-    feature_axes = _nn._feature_axes(x.ndim, self.axis)
+    feature_axes = checks.feature_axes(self.axis, x.ndim)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     stored_shape = self.mean[...].shape
     if math.prod(feature_shape) != math.prod(stored_shape):
@@ -224,7 +219,7 @@ class BatchNorm(nnx.Module):
       var=to_features(self.var[...]),
       count=None if self.count is None else self.count[...],
     )
-    train = not bool(use_running_average)
+    train = not use_running_average
     y, new_stats = bnjax.batch_norm(
       x,
       bnjax.BatchNormParams(scale=to_features(scale), bias=to_features(bias)),
@@ -233,13 +228,13 @@ class BatchNorm(nnx.Module):
       axis=feature_axes,
       decay=self.momentum,
       epsilon=self.epsilon,
-      axis_name=self.axis_name if train else None,
-      axis_index_groups=self.axis_index_groups if train else None,
-      mask=_nn._core_mask(mask, x.shape, feature_axes) if train else None,
-      virtual_batch_size=self.virtual_batch_size if train else None,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      virtual_batch_size=self.virtual_batch_size,
       unbiased_running_var=self.unbiased_running_var,
       running=self.running,
-      implementation=self.implementation,
+      allow_batch_of_one=True,
     )
     if train:
       # The running statistics are state, not a function to differentiate through.
@@ -250,6 +245,11 @@ class BatchNorm(nnx.Module):
     return y
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by `nnx.view(model, use_running_average=...)`."""
+    """Sets the mode for `nnx.view(model, use_running_average=...)` (`model.train()` / `model.eval()`).
+
+    Args:
+      use_running_average: if True, normalize with the running statistics; if False, with the batch's;
+        None leaves the mode as it is.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average

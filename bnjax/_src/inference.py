@@ -11,7 +11,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from bnjax._src import errors
+from bnjax._src import checks
 from bnjax._src import types
 
 
@@ -28,7 +28,7 @@ def fold_dense(kernel, bias, params: Optional[types.BatchNormParams], stats: typ
   Returns:
     `(folded_kernel, folded_bias)`, shapes `(in_features, out_features)` and `(out_features,)`.
   """
-  errors.check_epsilon(epsilon)
+  epsilon = checks.check_epsilon(epsilon)
   out_features = kernel.shape[-1]
   for name, value in (("stats.mean", stats.mean), ("stats.var", stats.var),
                       ("bias", bias), ("params.scale", None if params is None else params.scale),

@@ -10,25 +10,13 @@ Three rules, chosen with `running=`:
 - `"cumulative"`: the plain average of every batch seen (PyTorch's `momentum=None`):
   `w_t = 1 / t`.
 
-`t` is the batch's 1-based index, `stats.count + 1`. A batch with no rows (all masked out) leaves
-the statistics and the count unchanged.
+`t` is the batch's 1-based index, `stats.count + 1`. A feature with no values in the batch (all
+masked out) keeps its statistics; the count moves unless every feature was empty.
 """
 
 import jax.numpy as jnp
 
 from bnjax._src import types
-
-RUNNING_RULES = ("ema", "ema_debiased", "cumulative")
-
-
-def check_running(running: str, stats: types.BatchStats) -> None:
-  if running not in RUNNING_RULES:
-    raise ValueError(f"`running` must be one of {RUNNING_RULES}, got {running!r}.")
-  if running != "ema" and stats.count is None:
-    raise ValueError(
-        f"`running`={running!r} needs `stats.count` (how many batches were averaged), but it is None. "
-        "Create the statistics with `bnjax.init(...)`, which starts count at 0.")
-
 
 def update(stats: types.BatchStats, batch_mean, batch_var, *, decay, running: str = "ema",
            has_rows=None) -> types.BatchStats:
@@ -39,33 +27,36 @@ def update(stats: types.BatchStats, batch_mean, batch_var, *, decay, running: st
     batch_mean, batch_var: the batch's statistics, of the feature shape (the variance already
       corrected by m/(m-1) when an unbiased running variance is wanted).
     decay: the weight kept by the old value in `"ema"`; a float or a scalar array (schedules).
-    running: one of `RUNNING_RULES`.
-    has_rows: optional boolean scalar; False leaves `stats` as they are (an all-masked batch).
+    running: one of `types.RUNNING_RULES`.
+    has_rows: optional boolean, scalar or per feature; False leaves that feature's statistics as
+      they are (no values in the batch). The count moves if any feature had values.
 
   Returns:
     The new `BatchStats`, same dtypes as `stats`.
   """
-  old_mean = stats.mean
-  old_var = stats.var
-  batch_mean = batch_mean.astype(old_mean.dtype)
+  old_mean, old_var = stats.mean, stats.var
+  # A complex batch mean makes the running mean complex (as in Flax); otherwise dtypes are kept.
+  batch_mean = batch_mean.astype(jnp.result_type(old_mean, batch_mean) if jnp.iscomplexobj(batch_mean)
+                                 else old_mean.dtype)
   batch_var = batch_var.astype(old_var.dtype)
   if running == "ema":
     new_mean = decay * old_mean + (1.0 - decay) * batch_mean
     new_var = decay * old_var + (1.0 - decay) * batch_var
   else:
-    t = (stats.count + 1).astype(old_mean.dtype)
+    t = (stats.count + 1).astype(old_var.dtype)
     if running == "cumulative":
       weight = 1.0 / t
     else:
       # decay == 1 never moves an EMA; guard 0/0 there.
       weight = jnp.where(decay < 1.0, (1.0 - decay) / (1.0 - jnp.power(decay, t)), 0.0)
-      weight = weight.astype(old_mean.dtype)
+      weight = weight.astype(old_var.dtype)
     new_mean = old_mean + weight * (batch_mean - old_mean)
     new_var = old_var + weight * (batch_var - old_var)
+  new_mean, new_var = new_mean.astype(batch_mean.dtype), new_var.astype(old_var.dtype)
   new_count = None if stats.count is None else stats.count + 1
   if has_rows is not None:
     new_mean = jnp.where(has_rows, new_mean, old_mean)
     new_var = jnp.where(has_rows, new_var, old_var)
     if new_count is not None:
-      new_count = jnp.where(has_rows, new_count, stats.count)
+      new_count = jnp.where(jnp.any(has_rows), new_count, stats.count)
   return types.BatchStats(new_mean, new_var, new_count)

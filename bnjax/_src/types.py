@@ -11,6 +11,9 @@ Array = jax.Array
 Axis = Union[int, Sequence[int]]
 AxisName = Union[str, Sequence[str], None]
 
+RUNNING_RULES = ("ema", "ema_debiased", "cumulative")
+"""The running-statistics rules of `batch_norm(running=...)` (see `bnjax._src.running`)."""
+
 
 class BatchNormParams(NamedTuple):
   """The learned affine transform `y = scale * x_hat + bias`, one value per feature.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax._src import batch_norm as batch_norm_lib
-from bnjax._src import errors
+from bnjax._src import checks
 from bnjax._src import moments as moments_lib
 from bnjax._src import types
 
@@ -42,22 +42,16 @@ def batch_renorm(x, params: Optional[types.BatchNormParams], stats: types.BatchS
   """
   if not train:
     return batch_norm_lib.batch_norm(x, params, stats, train=False, axis=axis, epsilon=epsilon)
-  errors.check_floating(x)
-  axes = errors.feature_axes(axis, x.ndim)
-  errors.check_stats_present(stats)
-  for name, value in (("rmax", rmax), ("dmax", dmax)):
-    if isinstance(value, (int, float)) and value < (1.0 if name == "rmax" else 0.0):
-      raise ValueError(f"`{name}` must be >= {1 if name == 'rmax' else 0}, got {value}.")
-  if mask is not None:
-    mask_full = errors.mask_to_input_rank(mask, x.shape, axes)
-  else:
-    mask_full = None
-  feature_shape = tuple(x.shape[a] for a in axes)
-  batch_mean, batch_var, _ = moments_lib.raw_moments(
-      jax.lax.stop_gradient(x), axes, mask=mask_full, axis_name=axis_name,
-      axis_index_groups=axis_index_groups)
-  batch_mean = batch_mean.reshape(feature_shape)
-  batch_var = batch_var.reshape(feature_shape)
+  for name, value, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+    bound = checks.static_value(value)
+    if bound is not None and not bound >= low:
+      raise ValueError(f"`{name}` must be >= {low:g}, got {value}.")
+  checks.check_stats(stats)
+  spec, mask_full = checks.spec(x, params, stats, axis=axis, axis_name=axis_name,
+                                axis_index_groups=axis_index_groups, mask=mask)
+  batch_mean, batch_var, _ = moments_lib.batch_moments(jax.lax.stop_gradient(x), mask_full, spec)
+  batch_mean = batch_mean.reshape(spec.feature_shape)
+  batch_var = batch_var.reshape(spec.feature_shape)
   running_sigma = jnp.sqrt(stats.var + epsilon)
   r = jax.lax.stop_gradient(jnp.clip(jnp.sqrt(batch_var + epsilon) / running_sigma,
                                      1.0 / rmax, rmax))
@@ -69,7 +63,7 @@ def batch_renorm(x, params: Optional[types.BatchNormParams], stats: types.BatchS
   shift = d if scale is None else scale * d.astype(scale.dtype)
   bias_d = shift if bias is None else bias + shift
   y, new_stats = batch_norm_lib.batch_norm(
-      x, types.BatchNormParams(scale_r, bias_d), stats, train=True, axis=axes, decay=decay,
+      x, types.BatchNormParams(scale_r, bias_d), stats, train=True, axis=spec.feature_axes, decay=decay,
       epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   return y, new_stats
 
