@@ -4,7 +4,7 @@ The engine trains many models of one architecture at once: their `TrainState`s a
 axis and one pure training step (`bnjax.training.make_train_step(..., jit=False)`) is `jax.vmap`-ed over
 it, and `jax.lax.scan` runs `eval_every` steps per compiled call. Seeds (and, through
 `optax.inject_hyperparams`, learning rates) differ between the stacked models; the batch order of model
-``i`` is `bnjax.data.batch_at(train, batch_size, step, seed=seeds[i])`, the same order the single-run
+``i`` is `experiments.data.batch_at(train, batch_size, step, seed=seeds[i])`, the same order the single-run
 `train` experiment uses, and the same seed gives the same order in every arm (paired comparisons).
 """
 import dataclasses
@@ -18,9 +18,10 @@ import numpy as np
 import optax
 from flax import linen
 
-from bnjax import data as bn_data
+from bnjax import models
 from bnjax import nn as bn_nn
 from bnjax import training
+from experiments import data as data_lib
 
 ACTIVATIONS = {"relu": linen.relu, "sigmoid": linen.sigmoid, "tanh": jnp.tanh}
 
@@ -31,7 +32,7 @@ ACTIVATIONS = {"relu": linen.relu, "sigmoid": linen.sigmoid, "tanh": jnp.tanh}
 
 def load_data(config, *, dataset: Optional[str] = None, standardize: Optional[bool] = None):
   """The config's dataset (split with ``config.seed``), optionally another one or standardized."""
-  return bn_data.load_dataset(
+  return data_lib.load_dataset(
       dataset or config.dataset, data_dir=config.data_dir or None, seed=config.seed,
       standardize=config.standardize if standardize is None else standardize)
 
@@ -44,10 +45,10 @@ def kernel_init(init_stddev: float):
 
 
 def make_mlp(config, num_classes: int, *, norm: Optional[str] = None, activation: Optional[str] = None,
-             hidden: Optional[Sequence[int]] = None, **kwargs) -> bn_nn.MLP:
+             hidden: Optional[Sequence[int]] = None, **kwargs) -> models.MLP:
   """The config's MLP; ``norm`` is ``"none"``, ``"pre"`` or ``"post"`` (default: ``config.norm``)."""
   norm = config.norm if norm is None else norm
-  return bn_nn.MLP(
+  return models.MLP(
       features=(*(config.hidden if hidden is None else hidden), num_classes),
       activation=ACTIVATIONS[activation or config.activation],
       norm=None if norm == "none" else norm,
@@ -57,7 +58,7 @@ def make_mlp(config, num_classes: int, *, norm: Optional[str] = None, activation
 
 class InputNormMLP(linen.Module):
   """A `bnjax.nn.BatchNorm` on the raw inputs, then ``mlp`` (the article's "normalize the input layer")."""
-  mlp: bn_nn.MLP
+  mlp: models.MLP
   momentum: float = 0.99
   epsilon: float = 1e-5
 
@@ -135,11 +136,11 @@ class History:
 def batch_rows(num_rows: int, batch_size: int, seed: int, start: int, num_steps: int) -> np.ndarray:
   """Row indices of the batches of steps ``start .. start+num_steps-1``: ``(num_steps, batch_size)``.
 
-  The same rows `bnjax.data.batch_at` picks (it is asked for the batches of a split whose features are
+  The same rows `experiments.data.batch_at` picks (it is asked for the batches of a split whose features are
   the row numbers), so every run of a seed sees the same data order.
   """
-  index_split = bn_data.Split(np.arange(num_rows, dtype=np.int32), np.zeros(num_rows, np.int32))
-  batches = bn_data.iterate_batches(index_split, batch_size, seed=seed, start_step=start,
+  index_split = data_lib.Split(np.arange(num_rows, dtype=np.int32), np.zeros(num_rows, np.int32))
+  batches = data_lib.iterate_batches(index_split, batch_size, seed=seed, start_step=start,
                                     num_steps=num_steps)
   return np.stack([rows for rows, _ in batches])
 
@@ -172,7 +173,7 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
     run: the `experiments.runner.Run` (metrics rows, progress bar, checkpoints, resume).
     arm: the name of this group of models in ``metrics.jsonl`` and the checkpoint folder.
     model, tx: the flax module and the optax optimizer (`make_optimizer`).
-    dataset: a `bnjax.data.Dataset`.
+    dataset: an `experiments.data.Dataset`.
     seeds: one init / batch-order seed per model.
     learning_rates: optional per-model learning rates (``tx`` must come from `make_optimizer`).
     probe: optional ``probe(state) -> dict of arrays`` for one model, run (vmapped) at each evaluation.
@@ -224,12 +225,12 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
 
   ckpt_dir = run.path("checkpoints") / arm if checkpoint_every else None
   if ckpt_dir is not None:
-    from bnjax import checkpoint as bn_checkpoint  # pylint: disable=g-import-not-at-top
+    from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   start, records = 0, []
   if run.resume and ckpt_dir is not None and ckpt_dir.exists():
-    step = bn_checkpoint.latest_step(ckpt_dir)
+    step = checkpoint_lib.latest_step(ckpt_dir)
     if step is not None:
-      states, _ = bn_checkpoint.restore(ckpt_dir, states, step=step)
+      states, _ = checkpoint_lib.restore(ckpt_dir, states, step=step)
       start = int(step)
       records = [r for r in run.read_metrics() if r.get("arm") == arm and r["step"] <= start]
       run.rewrite_metrics(lambda r, start=start: r.get("arm") != arm or r["step"] <= start)
@@ -247,7 +248,7 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
         records.append(_record(run, arm, end, jax.device_get(evaluate(states, splits)),
                                jax.device_get(train_loss)))
       if ckpt_dir is not None and (end % checkpoint_every == 0 or end == num_steps):
-        bn_checkpoint.save(ckpt_dir, jax.device_get(states), step=end, keep=2)
+        checkpoint_lib.save(ckpt_dir, jax.device_get(states), step=end, keep=2)
       bar.update(end - last)
       last = end
   return states, _history(records)

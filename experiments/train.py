@@ -1,6 +1,6 @@
 """One training run of the MLP: loss and accuracy curves, checkpoints, ``--resume``.
 
-The batch at step ``t`` is `bnjax.data.batch_at(train, batch_size, t, seed=seed)`, so a run resumed from
+The batch at step ``t`` is `experiments.data.batch_at(train, batch_size, t, seed=seed)`, so a run resumed from
 the checkpoint of step ``t`` sees exactly the batches the uninterrupted run would have, and ends in the
 same state (the same ``state_digest``). With ``num_devices > 1`` the step is data-parallel
 (`bnjax.training.make_train_step(parallel=...)`), batch statistics synchronised across devices.
@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import data as bn_data
 from bnjax import training
 from experiments import common
+from experiments import data as data_lib
 from experiments import report
 from experiments.runner import Result, Table, Verdict
 
@@ -61,14 +61,14 @@ def run(config, run) -> Result:
                                       rng=jax.random.key(config.seed))
 
   ckpt_dir = run.path("checkpoints")
-  from bnjax import checkpoint as bn_checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   start = 0
   if run.resume:
-    latest = bn_checkpoint.latest_step(ckpt_dir) if ckpt_dir.exists() else None
+    latest = checkpoint_lib.latest_step(ckpt_dir) if ckpt_dir.exists() else None
     if latest is None:
       raise ValueError(f"--resume: {run.dir} has no checkpoint to continue from; expected "
                        f"{ckpt_dir} (checkpoint_every={config.checkpoint_every})")
-    state, _ = bn_checkpoint.restore(ckpt_dir, state, step=latest)
+    state, _ = checkpoint_lib.restore(ckpt_dir, state, step=latest)
     start = int(latest)
     run.rewrite_metrics(lambda r: r["step"] <= start)
   else:
@@ -90,7 +90,7 @@ def run(config, run) -> Result:
   if start == 0:
     record(0, [])
   pending = []
-  batches = bn_data.iterate_batches(train, config.batch_size, seed=config.seed, start_step=start,
+  batches = data_lib.iterate_batches(train, config.batch_size, seed=config.seed, start_step=start,
                                     num_steps=config.num_steps - start)
   with run.progress(config.num_steps, desc="train") as bar:
     bar.update(start)
@@ -102,7 +102,7 @@ def run(config, run) -> Result:
         pending = []
         bar.set_postfix(loss=f"{run.read_metrics()[-1].get('train_loss', float('nan')):.3f}")
       if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.num_steps):
-        bn_checkpoint.save(ckpt_dir, unplace(state), step=step, keep=3)
+        checkpoint_lib.save(ckpt_dir, unplace(state), step=step, keep=3)
       bar.update(1)
 
   rows = run.read_metrics()

@@ -1,4 +1,4 @@
-"""Tests of bnjax.checkpoint: whole-state round trips, keep-last-k, atomic saves, bit-identical resume."""
+"""Tests of experiments.checkpoint: whole-state round trips, keep-last-k, atomic saves, bit-identical resume."""
 import builtins
 import functools
 import os
@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-import bnjax.data
 import bnjax.nn
-from bnjax import checkpoint, training
+import experiments.data
+from bnjax import training
+from experiments import checkpoint
 
 BATCH = 32
 SEED = 3
@@ -36,7 +37,7 @@ TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3))  # nested op
 
 @pytest.fixture(scope="module")
 def data():
-  return bnjax.data.load_dataset("digits", seed=0)
+  return experiments.data.load_dataset("digits", seed=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +72,7 @@ def assert_bit_identical(a, b):
 
 def train(state, data, start, stop):
   for step in range(start, stop):
-    state, _ = step_fn()(state, bnjax.data.batch_at(data.train, BATCH, step, seed=SEED))
+    state, _ = step_fn()(state, experiments.data.batch_at(data.train, BATCH, step, seed=SEED))
   return state
 
 
@@ -85,7 +86,7 @@ def test_round_trip_keeps_every_leaf_and_extra(data, tmp_path):
   assert jnp.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
   assert_bit_identical(restored, state)
   # The restored state is a working state: the next step runs from it.
-  step_fn()(restored, bnjax.data.batch_at(data.train, BATCH, 3, seed=SEED))
+  step_fn()(restored, experiments.data.batch_at(data.train, BATCH, 3, seed=SEED))
 
 
 @pytest.mark.devices(8)

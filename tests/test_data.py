@@ -1,4 +1,4 @@
-"""Tests for bnjax.data: datasets, splits, standardization, IDX files, batching."""
+"""Tests for experiments.data: datasets, splits, standardization, IDX files, batching."""
 import gzip
 import itertools
 import os
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from bnjax import data
+from experiments import data
 
 BUNDLED = ("digits", "breast_cancer", "wine", "age_salary")
 # name: (rows, features, classes)
@@ -86,8 +86,9 @@ def test_missing_scikit_learn_points_to_the_extra(monkeypatch):
 
 
 def test_importing_data_does_not_import_scikit_learn():
-  code = "import sys, bnjax.data; assert 'sklearn' not in sys.modules, 'sklearn imported eagerly'"
-  subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  code = "import sys, experiments.data; assert 'sklearn' not in sys.modules, 'sklearn imported eagerly'"
+  subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                 cwd=pathlib.Path(__file__).resolve().parents[1])  # the repository root, where experiments is
 
 
 # ---------------------------------------------------------------------------------------------------------

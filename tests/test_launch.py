@@ -1,4 +1,4 @@
-"""Tests of bnjax.launch: the README's multi-process training, and a launcher that never hangs."""
+"""Tests of experiments.launch: the training guide's multi-process example, and a launcher that never hangs."""
 import io
 import os
 import pathlib
@@ -12,20 +12,23 @@ import numpy as np
 import optax
 import pytest
 
-import bnjax.nn
-from bnjax import checkpoint, launch, training
+from bnjax import models, training
+from experiments import checkpoint, launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A guard against hangs (the test fails instead of blocking CI); not a timing assertion.
 HANG_GUARD_S = 240
 
 
-def readme_launch_command() -> str:
-  """The ```bash block of README.md's "Training tour" section that runs bnjax.launch."""
-  text = (ROOT / "README.md").read_text()
-  section = re.search(r"^## Training tour\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M).group(1)
-  blocks = [b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if "bnjax.launch" in b]
-  assert len(blocks) == 1, "expected one ```bash block with the launch command in the Training tour"
+GUIDE = ROOT / "docs" / "guides" / "training.md"
+
+
+def documented_launch_command() -> str:
+  """The ```bash block of the training guide's "Many processes" section, which runs experiments.launch."""
+  section = re.search(r"^## Many processes\n(.*?)(?=^## |\Z)", GUIDE.read_text(), flags=re.S | re.M)
+  assert section, f"{GUIDE.relative_to(ROOT)} has no '## Many processes' section"
+  blocks = [b for b in re.findall(r"```bash\n(.*?)```", section.group(1), flags=re.S) if "experiments.launch" in b]
+  assert len(blocks) == 1, f"expected one ```bash block with the launch command in {GUIDE.relative_to(ROOT)}"
   return blocks[0]
 
 
@@ -43,9 +46,9 @@ def run_bash(script: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
   )
 
 
-def test_readme_launch_two_processes_equals_one_process(tmp_path):
-  """2 processes x 2 devices (the README command) and 1 process x 4 devices save the same final state."""
-  command = readme_launch_command()
+def test_documented_launch_two_processes_equals_one_process(tmp_path):
+  """2 processes x 2 devices (the guide's command) and 1 process x 4 devices save the same final state."""
+  command = documented_launch_command()
   assert "--processes 2 --devices-per-process 2" in command
   two, one = tmp_path / "two_processes", tmp_path / "one_process"
   two.mkdir()
@@ -59,7 +62,7 @@ def test_readme_launch_two_processes_equals_one_process(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   assert "[0] process 0 of 1, 4 devices: step 30" in result.stdout, result.stdout
 
-  model = bnjax.nn.MLP((64, 10), norm="pre")
+  model = models.MLP((64, 10), norm="pre")
   target = training.create_train_state(
     model, optax.sgd(0.1, momentum=0.9), np.zeros((1, 64), np.float32), rng=jax.random.key(0)
   )
@@ -98,20 +101,31 @@ def test_output_is_prefixed_and_the_environment_is_set():
     assert "count=8" not in line
 
 
+def test_a_child_anywhere_imports_the_launcher(tmp_path):
+  """The experiments are not installed: the launcher puts their folder on the children's PYTHONPATH."""
+  script = tmp_path / "child.py"  # the script's folder, not the repository root, leads the child's sys.path
+  script.write_text("from experiments import launch\nprint('imported', launch.__name__)\n")
+  env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
+  status, out = launch_in_process([sys.executable, str(script)], processes=1, env=env)
+  assert status == 0, out
+  assert "[0] imported experiments.launch" in out
+
+
 @pytest.mark.parametrize("absent", [0, 1])
 def test_a_peer_that_never_comes_fails_with_a_clear_message(tmp_path, absent):
   """One process exits without joining; the other gives up after --timeout with a message, never hangs."""
   script = tmp_path / "child.py"
   script.write_text(
     "import os\n"
-    "from bnjax import launch\n"
+    "from experiments import launch\n"
     f"if os.environ['BNJAX_PROCESS_ID'] != '{absent}':\n"
     "  launch.initialize()\n"
     "  raise SystemExit('unreachable: initialize() returned without the peer')\n"
     "print('leaving without joining')\n"
   )
   result = subprocess.run(
-    [sys.executable, "-m", "bnjax.launch", "--processes", "2", "--timeout", "3", "--", sys.executable, str(script)],
+    [sys.executable, "-m", "experiments.launch", "--processes", "2", "--timeout", "3", "--",
+     sys.executable, str(script)],
     env=child_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
   )
   waiting = 1 - absent
@@ -166,14 +180,14 @@ def test_rendezvous_meets_or_names_the_missing():
 
 
 def test_initialize_outside_the_launcher_says_how_to_run():
-  with pytest.raises(RuntimeError, match="python -m bnjax.launch"):
+  with pytest.raises(RuntimeError, match="python -m experiments.launch"):
     launch.initialize(environ={})
 
 
 def test_command_line_errors():
   def cli(*args):
     return subprocess.run(
-      [sys.executable, "-m", "bnjax.launch", *args], env=child_env(), capture_output=True, text=True,
+      [sys.executable, "-m", "experiments.launch", *args], env=child_env(), capture_output=True, text=True,
       timeout=HANG_GUARD_S,
     )
 

@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-# The datasets `bnjax.data.load_dataset` knows; checked before anything is imported or compiled.
+# The datasets `experiments.data.load_dataset` knows; checked before anything is imported or compiled.
 DATASETS = ("digits", "breast_cancer", "wine", "age_salary", "mnist", "fashion_mnist")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 ACTIVATIONS = ("relu", "sigmoid", "tanh")

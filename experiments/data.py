@@ -138,7 +138,7 @@ def _check_fraction(value, name: str) -> float:
 def _check_split(split, name: str = "split") -> int:
   """Checks that `split` is an (x, y) pair of equal length and returns that length."""
   if not (isinstance(split, tuple) and len(split) == 2):
-    raise TypeError(f"{name} must be a bnjax.data.Split(x, y), got {type(split).__name__}.")
+    raise TypeError(f"{name} must be an experiments.data.Split(x, y), got {type(split).__name__}.")
   x, y = split
   if np.ndim(x) < 1 or np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
     raise ValueError(

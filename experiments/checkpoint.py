@@ -41,7 +41,7 @@ def _orbax():
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-      "bnjax.checkpoint needs the orbax-checkpoint package: pip install 'bnjax[experiments]' "
+      "experiments.checkpoint needs the orbax-checkpoint package: pip install 'bnjax[experiments]' "
       "(or pip install orbax-checkpoint)"
     ) from e
   return ocp
@@ -175,7 +175,7 @@ def restore(directory: PathLike, target_state: PyTree, *, step: int | None = Non
   steps = all_steps(path)
   if step is None:
     if not steps:
-      raise FileNotFoundError(f"no checkpoint in {path}: expected a folder written by bnjax.checkpoint.save")
+      raise FileNotFoundError(f"no checkpoint in {path}: expected a folder written by experiments.checkpoint.save")
     step = steps[-1]
   else:
     step = _check_step(step)

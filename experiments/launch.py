@@ -1,8 +1,8 @@
 """Runs N local processes of a command under `jax.distributed`, e.g. to test multi-process training on CPU.
 
-    python -m bnjax.launch --processes 2 --devices-per-process 2 [--port P] [--timeout S] -- python train.py
+    python -m experiments.launch --processes 2 --devices-per-process 2 [--port P] [--timeout S] -- python train.py
 
-starts `python train.py` twice with a loopback coordinator. Each child calls `bnjax.launch.initialize()`
+starts `python train.py` twice with a loopback coordinator. Each child calls `experiments.launch.initialize()`
 before any other JAX call; the two processes then form one JAX system of 2 x 2 host (CPU) devices:
 `jax.devices()` lists all 4, `jax.local_devices()` the process's 2, and a sharded `jit` over a mesh of all 4
 runs on both processes at once, its collectives going through Gloo over loopback TCP.
@@ -12,15 +12,17 @@ The launcher
 * sets, in each child's environment: `BNJAX_COORDINATOR_ADDRESS=127.0.0.1:PORT`, `BNJAX_NUM_PROCESSES`,
   `BNJAX_PROCESS_ID`, `BNJAX_INIT_TIMEOUT` (seconds), `BNJAX_RENDEZVOUS_ADDRESS` (a second loopback port
   where the processes meet before JAX connects them), `XLA_FLAGS` with
-  `--xla_force_host_platform_device_count=<devices-per-process>`, `JAX_PLATFORMS=cpu` (unless set) and
-  `PYTHONUNBUFFERED=1`;
+  `--xla_force_host_platform_device_count=<devices-per-process>`, `JAX_PLATFORMS=cpu` (unless set),
+  `PYTHONUNBUFFERED=1`, and `PYTHONPATH` led by the repository root, so that a child imports
+  `experiments.launch` wherever its script lives;
 * forwards every line the children print (stdout and stderr) prefixed with `[<process id>]`;
 * stops the other processes as soon as one fails, and returns the first failure's exit status (non-zero);
 * is bounded in time: a process that cannot reach its peers fails within `--timeout` seconds (in
   `initialize`, with a message naming the coordinator), and `--max-time` bounds the whole run (exit status
   124, like `timeout(1)`).
 
-Only loopback addresses are used; without `--port` a free port is picked.
+Only loopback addresses are used; without `--port` a free port is picked. Run the launcher from the
+repository root (the experiments are not installed with bnjax) or with the root on `PYTHONPATH`.
 """
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ def _env_int(name: str, environ) -> int:
   value = environ.get(name)
   if value is None:
     raise RuntimeError(
-      f"environment variable {name} is not set: bnjax.launch.initialize() runs in a process started by "
-      "`python -m bnjax.launch --processes N -- <command>`"
+      f"environment variable {name} is not set: experiments.launch.initialize() runs in a process started by "
+      "`python -m experiments.launch --processes N -- <command>`"
     )
   try:
     return int(value)
@@ -91,8 +93,8 @@ def initialize(environ=None) -> None:
   coordinator = environ.get(ENV_COORDINATOR)
   if not coordinator:
     raise RuntimeError(
-      f"environment variable {ENV_COORDINATOR} is not set: bnjax.launch.initialize() runs in a process "
-      "started by `python -m bnjax.launch --processes N -- <command>`"
+      f"environment variable {ENV_COORDINATOR} is not set: experiments.launch.initialize() runs in a process "
+      "started by `python -m experiments.launch --processes N -- <command>`"
     )
   num_processes = _env_int(ENV_NUM_PROCESSES, environ)
   process_id = _env_int(ENV_PROCESS_ID, environ)
@@ -151,7 +153,7 @@ def _rendezvous_host(host, port, num_processes, deadline, timeout) -> None:
           missing = sorted(set(range(1, num_processes)) - set(arrived))
           raise RuntimeError(
             f"process 0 of {num_processes}: process(es) {missing} did not arrive at {host}:{port} within "
-            f"{timeout:g} s (did they start, and call bnjax.launch.initialize()?)"
+            f"{timeout:g} s (did they start, and call experiments.launch.initialize()?)"
           )
         server.settimeout(remaining)
         try:
@@ -180,7 +182,7 @@ def _rendezvous_join(host, port, num_processes, process_id, deadline, timeout) -
       if time.monotonic() > deadline:
         raise RuntimeError(
           f"process {process_id} of {num_processes}: process 0 did not open {host}:{port} within {timeout:g} s "
-          "(did it start, and call bnjax.launch.initialize()?)"
+          "(did it start, and call experiments.launch.initialize()?)"
         ) from None
       time.sleep(0.1)
   with conn:
@@ -209,6 +211,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# The folder that holds the experiments package (it is not installed with bnjax).
+_REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _child_env(base, *, port, rendezvous_port, num_processes, process_id, devices_per_process, init_timeout):
   env = dict(base)
   env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
@@ -218,6 +224,8 @@ def _child_env(base, *, port, rendezvous_port, num_processes, process_id, device
   env[ENV_RENDEZVOUS] = f"127.0.0.1:{rendezvous_port}"
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"
+  # The children import this module (`from experiments import launch`) wherever their script lives.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, (_REPOSITORY_ROOT, env.get("PYTHONPATH"))))
   if devices_per_process is not None:
     # Replace any device count inherited from the caller (e.g. a test runner's 8 devices).
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
@@ -363,9 +371,9 @@ def _wait(procs: Sequence[subprocess.Popen], max_time: float | None, log) -> int
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-    prog="python -m bnjax.launch",
+    prog="python -m experiments.launch",
     description="Run N local processes of a command under jax.distributed (loopback coordinator, CPU devices).",
-    epilog="Example: python -m bnjax.launch --processes 2 --devices-per-process 2 -- python train.py",
+    epilog="Example: python -m experiments.launch --processes 2 --devices-per-process 2 -- python train.py",
   )
   parser.add_argument("--processes", type=int, required=True, help="number of processes (>= 1)")
   parser.add_argument("--devices-per-process", type=int, default=None, help="host CPU devices per process")
@@ -395,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       max_time=args.max_time,
     )
   except ValueError as e:
-    print(f"python -m bnjax.launch: error: {e}", file=sys.stderr)
+    print(f"python -m experiments.launch: error: {e}", file=sys.stderr)
     return 2
 
 
