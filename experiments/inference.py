@@ -14,9 +14,9 @@ training split, taken as one batch in training mode. Errors: ``|v - v_ref| / v_r
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen
 
 import bnjax
-from bnjax import nn as bn_nn
 from experiments import common
 from experiments import report
 from experiments.runner import Result, Table, Verdict
@@ -49,7 +49,7 @@ def bn_inputs(model, params, batch_stats, x, activation) -> dict:
   """The input of each BatchNorm_i, training mode: Dense_i's output ("pre") or its activation ("post")."""
   _, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                          mutable=["batch_stats", "intermediates"],
-                         capture_intermediates=lambda module, _: isinstance(module, bn_nn.linen.Dense))
+                         capture_intermediates=lambda module, _: isinstance(module, linen.Dense))
   captured = state["intermediates"]
   inputs = {}
   for name in batch_stats:
@@ -150,7 +150,7 @@ def run(config, run) -> Result:
   notes = (f"Cross-check: this experiment's Algorithm 2 statistics and `bnjax.precise_batch_stats` "
            f"(first seed, same batches) differ by at most {check:.2g} (relative). The unbiased running "
            f"variance is the biased one times m/(m-1): the same training run, since the training step uses "
-           f"batch statistics only (`bnjax.nn.MLP` does not pass `unbiased_running_var` to its layers).")
+           f"batch statistics only (`bnjax.models.MLP` does not pass `unbiased_running_var` to its layers).")
   return Result(metrics={"by_batch_size": by_size}, tables=[table], plots=plots,
                 state_digest=common.state_digest(*finals), notes=notes)
 

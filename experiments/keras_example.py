@@ -1,11 +1,11 @@
 """The article's Keras model on a 5-feature binary task, with and without its BatchNormalization layer.
 
-``Dense(16, relu) -> Dense(32, relu) -> BatchNormalization -> Dense(2)`` (`bnjax.nn.keras_article_model`),
+``Dense(16, relu) -> Dense(32, relu) -> BatchNormalization -> Dense(2)`` (`bnjax.models.keras_article_model`),
 Keras's BatchNormalization defaults (momentum 0.99, epsilon 1e-3), on the raw features of the synthetic
 ``age_salary`` set, the article's own example of features on different scales. Each seed trains both
 models from the same batch order; the comparison is paired by seed.
 """
-from bnjax import nn as bn_nn
+from bnjax import models
 from experiments import common
 from experiments import report
 from experiments.runner import Result, Table, Verdict
@@ -33,8 +33,8 @@ def run(config, run) -> Result:
   metrics = {"seed_test_accuracy": {}, "final_test_accuracy": {}, "final_test_accuracy_se": {}}
   histories, finals = {}, []
   for arm, batch_norm in ARMS.items():
-    model = bn_nn.keras_article_model(batch_norm=batch_norm, momentum=config.momentum,
-                                      epsilon=config.epsilon)
+    model = models.keras_article_model(batch_norm=batch_norm, momentum=config.momentum,
+                                       epsilon=config.epsilon)
     state, history = common.train_arm(run, arm, config, model, dataset)
     finals.append(state)
     histories[arm] = history

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import bnjax.nn
-from bnjax import training
+from bnjax import models, training
 
 NUM_STEPS = 20
 GLOBAL_BATCH = 32
@@ -19,7 +19,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 def make_model(axis_name=None):
   # Dense (no bias) -> BatchNorm -> relu -> Dense; momentum 0.9 so the running statistics move visibly.
-  return bnjax.nn.MLP((16, NUM_CLASSES), norm="pre", momentum=0.9, axis_name=axis_name)
+  return models.MLP((16, NUM_CLASSES), norm="pre", momentum=0.9, axis_name=axis_name)
 
 
 TX = optax.sgd(0.05, momentum=0.9)

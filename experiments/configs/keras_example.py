@@ -1,7 +1,7 @@
 """`keras_example`: the article's Keras model on a 5-feature binary task, with and without its BN layer.
 
 ``Dense(16, relu) -> Dense(32, relu) -> BatchNormalization -> Dense(2, softmax)``
-(`bnjax.nn.keras_article_model`), trained with Keras's defaults (Adam, learning rate 1e-3, batches of
+(`bnjax.models.keras_article_model`), trained with Keras's defaults (Adam, learning rate 1e-3, batches of
 32) on the raw ``age_salary`` features (age, experience, salary, savings, dependents).
 """
 from experiments import configs
