@@ -157,7 +157,7 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_x, *, rng
 
   Args:
     model: a `flax.linen.Module` whose `__call__(x, *, train)` returns logits, with variables `params` and
-      optionally `batch_stats` (e.g. `bnjax.nn.MLP`).
+      optionally `batch_stats` (e.g. `bnjax.models.MLP`).
     tx: the Optax optimizer.
     sample_x: an input batch, `(N, ...)`.
     rng: a `jax.random` key; split into the initialization keys and the state's `rng`.
@@ -379,7 +379,7 @@ def _check_parallel(parallel, mesh, axis_name, model) -> None:
     if parallel is None:
       raise ValueError("mesh is only used with parallel='pmap', 'shard_map' or 'jit'; got parallel=None")
     _check_mesh_axis(mesh, axis_name)
-  # A model that names its BatchNorm's axis (e.g. bnjax.nn.MLP(axis_name=...)) must name the step's one.
+  # A model that names its BatchNorm's axis (e.g. bnjax.models.MLP(axis_name=...)) must name the step's one.
   model_axis = getattr(model, "axis_name", None)
   if model_axis is None:
     return
