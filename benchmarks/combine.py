@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import _harness
+from benchmarks import _reference
 from benchmarks import ops
 
 _COLUMNS = ("median_ms", "x_flax", "x_torch_best", "x_floor", "faults_per_call")
@@ -35,7 +36,7 @@ def _rejudged(row: dict[str, Any]) -> dict[str, Any]:
   if row["check"] != "FAIL":
     return row
   case = ops.Case(tuple(row["shape"]), row["dtype"], row["mode"])
-  tolerance = ops._reference.TOLERANCE[row["dtype"]]  # pylint: disable=protected-access
+  tolerance = _reference.TOLERANCE[row["dtype"]]
   failing = {name for name, error in row["max_errors"].items() if error > tolerance}
   deviation = ops._known_deviation(case, row["implementation"], failing)  # pylint: disable=protected-access
   return row if deviation is None else {**row, "check": "known deviation", "error": deviation.reason}
