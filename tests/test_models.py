@@ -136,11 +136,10 @@ def _relu(z):
   return np.maximum(z, 0.0)
 
 
-@pytest.mark.parametrize("implementation", [None, "cpu_kernel"])
 @pytest.mark.parametrize("norm", [None, "pre", "post"])
-def test_mlp_forward_and_sown_preactivations(norm, implementation):
+def test_mlp_forward_and_sown_preactivations(norm):
   x = _normal((16, 2, 3), 1)
-  model = models.MLP((8, 4, 2), activation=nn.sigmoid, norm=norm, momentum=0.5, implementation=implementation)
+  model = models.MLP((8, 4, 2), activation=nn.sigmoid, norm=norm, momentum=0.5)
   variables = _init(model, x, train=True)
   out, state = _apply(model, variables, x, train=True, mutable=["batch_stats", "intermediates"])
   p = _numpy(variables["params"])
