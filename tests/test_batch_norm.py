@@ -303,3 +303,87 @@ def test_low_precision_forward_mode_matches_float32():
   _, t_ref = jax.jvp(f, (xb.astype(jnp.float32),), (tb.astype(jnp.float32),))
   assert t_low.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(t_low, np.float32), t_ref, atol=0.15, rtol=0.03)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 3), -1), ((4, 5, 3), -1), ((4, 3, 5), 1)])
+def test_per_element_mask_each_feature_over_its_own_values(shape, axis):
+  x, dy, gamma, beta, axes = _inputs(shape, axis)
+  mask = np.random.default_rng(1).random(shape) < 0.6
+  mask[(0,) * len(shape)] = mask[(1,) * len(shape)] = True
+  params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
+  _, stats = bnjax.init(gamma.shape)
+  y, new_stats, dx, dparams = _vjp(x, params, stats, dy, axis=axis, mask=mask)
+  moved = lambda a: np.moveaxis(a, axes[0], -1).reshape(-1, gamma.size)  # noqa: E731
+  xs, dys, ms, ys, dxs = (moved(a) for a in (x, dy, mask, y, dx))
+  for j in range(gamma.size):
+    want = ref.forward_backward(xs[:, j:j + 1], gamma[j:j + 1], beta[j:j + 1], dys[:, j:j + 1], (1,),
+                                mask=ms[:, j])
+    np.testing.assert_allclose(ys[:, j], want["y"][:, 0], atol=1e-5)
+    np.testing.assert_allclose(dxs[:, j], want["dx"][:, 0], atol=1e-5)
+    np.testing.assert_allclose(dparams.scale[j], want["dscale"][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(new_stats.mean[j], 0.99 * 0 + 0.01 * want["mean"][0], rtol=1e-5)
+
+
+def test_complex_input_complex_mean_real_variance_and_gradients():
+  rng = np.random.default_rng(0)
+  x = (rng.normal(1, 2, (12, 3)) + 1j * rng.normal(-1, 1, (12, 3))).astype(np.complex64)
+  params, stats = bnjax.init(3)
+  y, new_stats = bnjax.batch_norm(x, params, stats, train=True, decay=0.0)
+  mean = x.astype(np.complex128).mean(0)
+  var = (np.abs(x - mean) ** 2).mean(0)
+  assert y.dtype == jnp.complex64 and new_stats.var.dtype == jnp.float32
+  np.testing.assert_allclose(new_stats.mean, mean, rtol=1e-5)
+  np.testing.assert_allclose(new_stats.var, var, rtol=1e-5)
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), atol=1e-5)
+
+  def formula(x, scale):  # plain autodiff of the same function, the custom rule's reference
+    mu = jnp.mean(x, 0)
+    return scale * (x - mu) * jax.lax.rsqrt(jnp.mean(jnp.abs(x - mu) ** 2, 0) + 1e-5)
+
+  def loss(f):
+    return lambda x, s: jnp.sum(jnp.abs(f(x, s) - 0.3j) ** 2)
+
+  got = jax.grad(loss(lambda x, s: bnjax.batch_norm(x, params._replace(scale=s), stats, train=True)[0]),
+                 argnums=(0, 1))(x, params.scale)
+  want = jax.grad(loss(formula), argnums=(0, 1))(x, params.scale)
+  chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (8, 4, 3)])
+def test_per_example_vmap_with_axis_name_equals_the_batch(shape):
+  x, dy, gamma, beta, _ = _inputs(shape, -1)
+  params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
+  _, stats = bnjax.init(3)
+
+  def loss(x, params, **kw):
+    y, new_stats = bnjax.batch_norm(x, params, stats, train=True, **kw)
+    return jnp.sum(y * dy), new_stats
+
+  (_, stats0), grads0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+  per_example = jax.vmap(lambda x, dy: bnjax.batch_norm(x, params, stats, train=True, axis_name="b")[0],
+                         axis_name="b")
+  # (N, T, D): each example's T values are summed before the named axis, another order than the batch's.
+  np.testing.assert_allclose(per_example(x, dy), bnjax.batch_norm(x, params, stats, train=True)[0], atol=1e-6)
+  grad_x = jax.grad(lambda x: jnp.sum(per_example(x, dy) * dy))(x)
+  np.testing.assert_allclose(grad_x, grads0[0], atol=1e-6)
+  stats_v = jax.vmap(lambda x: loss(x, params, axis_name="b")[1], axis_name="b")(x)
+  chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], stats_v), stats0)
+
+
+def test_batch_of_one_is_refused_unless_allowed_and_then_gives_bias():
+  params, stats = bnjax.init(3)
+  params = params._replace(bias=jnp.arange(3.0))
+  x = jnp.ones((1, 3))
+  with pytest.raises(ValueError, match=r"1 value per feature.*allow_batch_of_one=True"):
+    bnjax.batch_norm(x, params, stats, train=True)
+  y, new_stats = bnjax.batch_norm(x, params, stats, train=True, allow_batch_of_one=True, decay=0.5)
+  np.testing.assert_array_equal(y, params.bias[None])
+  np.testing.assert_allclose(new_stats.var, 0.5)  # half of the old 1, half of the batch's 0
+
+
+def test_eval_mode_takes_an_unbatched_input():
+  params, stats = bnjax.init(3)
+  stats = stats._replace(mean=jnp.arange(3.0), var=jnp.full(3, 4.0))
+  x = jnp.array([1.0, 2.0, 3.0])
+  y, _ = bnjax.batch_norm(x, params, stats, train=False, epsilon=1e-6)
+  np.testing.assert_allclose(y, (x - stats.mean) / np.sqrt(4.0 + 1e-6), rtol=1e-6)

@@ -145,16 +145,24 @@ def test_axis_index_groups_equal_separate_runs():
 
 
 @pytest.mark.devices(DEVICES)
+@pytest.mark.parametrize("form", ["rows", "per_element"])
 @pytest.mark.parametrize("path", ["pmap", "shard_map"])
-def test_uneven_masks_equal_dropping_rows(path, mesh):
+def test_uneven_masks_equal_dropping_values(path, form, mesh):
   x, w = _data()
   params, stats = _params(6)
   # Device d keeps d rows of its 8 (device 0 keeps none): very uneven counts.
   mask = (np.arange(64) % 8) < (np.arange(64) // 8)
+  if form == "per_element":  # and feature j keeps d + j rows (capped), so every feature counts its own
+    mask = (np.arange(64) % 8)[:, None] < np.minimum(np.arange(64) // 8, 7)[:, None] + np.arange(6)
   y0, stats0, (dx0, dparams0) = _one_device(x, w, params, stats, mask=mask)
-  y_dropped, stats_dropped = bnjax.batch_norm(x[mask], params, stats, train=True)
-  chex.assert_trees_all_close(stats0, stats_dropped, atol=1e-6)
-  np.testing.assert_allclose(y0[mask], y_dropped, atol=1e-5)
+  columns = mask.T if mask.ndim == 2 else [mask] * 6
+  for j, keep in enumerate(columns):
+    p_j, s_j = bnjax.init(1)
+    p_j = p_j._replace(scale=params.scale[j:j + 1], bias=params.bias[j:j + 1])
+    y_dropped, stats_dropped = bnjax.batch_norm(x[keep, j:j + 1], p_j, s_j, train=True)
+    chex.assert_trees_all_close(jax.tree.map(lambda s: s[j:j + 1], stats0._replace(count=None)),
+                                stats_dropped._replace(count=None), atol=1e-6)
+    np.testing.assert_allclose(y0[keep, j:j + 1], y_dropped, atol=1e-5)
 
   def per_device(x, w, mask, reduce_loss):
     def loss(x, params):
@@ -166,7 +174,7 @@ def test_uneven_masks_equal_dropping_rows(path, mesh):
   if path == "pmap":
     y, new_stats, (dx, dparams) = jax.pmap(
         lambda x, w, m: per_device(x, w, m, lambda l: l), axis_name="batch")(
-            x.reshape(DEVICES, -1, 6), w.reshape(DEVICES, -1, 6), mask.reshape(DEVICES, -1))
+            x.reshape(DEVICES, -1, 6), w.reshape(DEVICES, -1, 6), mask.reshape((DEVICES, -1) + mask.shape[1:]))
     y, dx = y.reshape(x.shape), dx.reshape(x.shape)
     new_stats = jax.tree.map(lambda s: s[0], new_stats)
     dparams = jax.tree.map(lambda g: g.sum(0), dparams)
