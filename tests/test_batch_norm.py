@@ -114,9 +114,21 @@ def test_mask_all_false_leaves_running_statistics():
   x, _, _, _, _ = _inputs((8, 3), -1)
   params, stats = bnjax.init(3)
   stats = stats._replace(mean=stats.mean + 2.0)
-  y, new_stats = bnjax.batch_norm(x, params, stats, train=True, mask=np.zeros(8, bool))
-  chex.assert_trees_all_close(new_stats, stats)
-  assert np.all(np.isfinite(y))
+  params = params._replace(bias=jnp.arange(3.0))
+  for mask in (np.zeros(8, bool), np.zeros((8, 3), bool)):
+    y, new_stats = bnjax.batch_norm(x, params, stats, train=True, mask=mask)
+    chex.assert_trees_all_close(new_stats, stats)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(params.bias, x.shape))
+    grads = jax.grad(lambda x, p: jnp.sum(bnjax.batch_norm(x, p, stats, train=True, mask=mask)[0] ** 2),
+                     argnums=(0, 1))(x, params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # One empty feature among others: only it gives the bias and keeps its statistics.
+  mask = np.ones((8, 3), bool)
+  mask[:, 1] = False
+  y, new_stats = bnjax.batch_norm(x, params, stats, train=True, mask=mask)
+  np.testing.assert_array_equal(y[:, 1], 1.0)
+  np.testing.assert_allclose(y[:, 0], bnjax.batch_norm(x[:, :1], params._replace(scale=params.scale[:1], bias=params.bias[:1]), bnjax.init(1)[1], train=True)[0][:, 0], atol=1e-6)
+  assert new_stats.mean[1] == stats.mean[1] and new_stats.mean[0] != stats.mean[0]
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])

@@ -90,6 +90,8 @@ def _normalize_with(x, mean, inv_std, scale, bias):
 def _train_forward(x, scale, bias, mask, spec, epsilon):
   mean, var, count = moments_lib.batch_moments(x, mask, spec)
   inv_std = jax.lax.rsqrt(var + epsilon)
+  if mask is not None:  # a feature without values normalizes to x_hat = 0: y = bias, finite gradients
+    inv_std = jnp.where(count > 0, inv_std, 0.0)
   at = functools.partial(_at_features, axes=spec.feature_axes, shape=x.shape, dtype=mean.dtype)
   y = _normalize_with(x, mean, inv_std, at(scale), at(bias))
   return y, mean, var, count, inv_std
@@ -123,7 +125,7 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
     ty = gain * tx
     offset = offset - gain * t_mean
     slope = slope - gain * t_proj
-    t_var = 2.0 * t_proj / inv_std
+    t_var = 2.0 * t_proj / jnp.maximum(inv_std, jnp.finfo(inv_std.dtype).tiny)  # t_proj = 0 where inv_std = 0
   if tscale is not None:
     slope = slope + at(tscale)
   if tbias is not None:
@@ -254,7 +256,8 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
     axis_index_groups: sync only within these groups of indices of `axis_name`.
     mask: boolean; x's shape without the feature axes (whole rows: statistics as if the false rows
       were dropped), or any shape broadcastable to x (each feature over its own true entries).
-      Counted across devices. Every value is still normalized; ignored when `train=False`.
+      Counted across devices. Every value is still normalized; a feature with no true value at all
+      gives `y = bias` and keeps its running statistics. Ignored when `train=False`.
     virtual_batch_size: ghost batch norm: axis 0 is split into groups of this many rows, each
       normalized with its own statistics (local to each device); the running statistics move toward
       the groups' average.
