@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU record in benchmarks/RESULTS.md ("GPU"): on a machine whose jax has CUDA,
+# The GPU record (docs/performance.md, "GPU"): on a machine whose jax has CUDA,
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default benchmarks/out/gpu)
 # 1. versions and a one-call smoke test of bnjax on the GPU;
 # 2. the op benchmark at GPU sizes, bnjax against flax.linen, flax.nnx, Equinox, jnp+autodiff, PyTorch on CUDA
@@ -44,5 +44,5 @@ for batch in ${TRAIN_BATCHES:-256 4096}; do
 done
 
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
-  -n "${TEST_WORKERS:-8}" --continue-on-collection-errors tests --ignore tests/test_readme.py --ignore tests/test_benchmarks.py \
+  -n "${TEST_WORKERS:-8}" --continue-on-collection-errors tests --ignore tests/test_docs.py --ignore tests/test_benchmarks.py \
   --ignore tests/test_experiments.py --ignore tests/test_launch.py 2>&1 | tee "$out/tests.log" | tail -40
