@@ -45,7 +45,7 @@ DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "fwd_bwd")
 DECAY = 0.99
 EPSILON = 1e-5
-BNJAX = ("bnjax", "bnjax cpu_kernel")  # bnjax's default (pure JAX) path and its opt-in CPU kernels
+BNJAX = ("bnjax",)                 # the implementations judged against the targets
 BASELINE = "flax.linen"            # ratios "x flax" are against flax.linen.BatchNorm with its defaults
 FLOOR = "floor"
 
@@ -182,7 +182,7 @@ def _device_inputs(data: CaseData):
   return jnp.asarray(data.x), jnp.asarray(data.cotangent)
 
 
-def build_bnjax(case: Case, data: CaseData, *, implementation: str | None = None) -> Prepared:
+def build_bnjax(case: Case, data: CaseData) -> Prepared:
   import bnjax  # pylint: disable=g-import-not-at-top
   x, g = _device_inputs(data)
   params, stats = bnjax.init(data.scale.shape)
@@ -190,8 +190,7 @@ def build_bnjax(case: Case, data: CaseData, *, implementation: str | None = None
   stats = stats._replace(mean=jnp.asarray(data.mean0), var=jnp.asarray(data.var0))
 
   def forward(x, params, stats):
-    return bnjax.batch_norm(x, params, stats, train=True, axis=-1, decay=data.decay, epsilon=data.epsilon,
-                            implementation=implementation)
+    return bnjax.batch_norm(x, params, stats, train=True, axis=-1, decay=data.decay, epsilon=data.epsilon)
 
   return _jax_prepared(case, forward, x, params, stats, g,
                        running=lambda s: (s.mean, s.var), param_grads=lambda p: (p.scale, p.bias),
@@ -491,7 +490,6 @@ def _known_deviation(case: Case, implementation: str, failing: set[str]) -> Know
 
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("bnjax", build_bnjax),
-    Implementation("bnjax cpu_kernel", functools.partial(build_bnjax, implementation="cpu_kernel")),
     Implementation("flax.linen", build_flax_linen),
     Implementation("flax.linen two-pass", build_flax_linen_two_pass),
     Implementation("flax.nnx", build_flax_nnx),

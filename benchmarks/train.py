@@ -18,9 +18,8 @@ The steps run in fresh worker processes whose JAX_PLATFORMS is --platform. On th
 count gets its own worker, whose XLA_FLAGS fix the number of host devices before jax is imported: 1, and
 N = --devices (default 8). On an accelerator platform one worker runs every mode on that platform's own devices,
 N being the first --devices of them (default all); the N-device modes are skipped, with the reason, where it has
-only one. `bnjax cpu_kernel` runs on the CPU only (elsewhere `implementation="cpu_kernel"` is the default path).
-`--prototypes` adds layers built on `benchmarks.prototypes` (the exact two-pass statistics and the guarded one-pass
-ones with their `lax.cond`) to the modes without an axis name.
+only one. `--prototypes` adds layers built on `benchmarks.prototypes` (the exact two-pass statistics and the
+guarded one-pass ones with their `lax.cond`) to the modes without an axis name.
 
 Correctness: every configuration's first step (loss and the updated parameters and batch statistics) is
 compared with a plain one-device flax.linen step on the same global batch, computed in the same worker;
@@ -43,7 +42,7 @@ from benchmarks import _harness
 FULL_LAYERS = (784, 1024, 1024, 1024, 10)
 QUICK_LAYERS = (64, 32, 32, 10)
 MODES = ("1 device", "shard_map", "sharded jit")
-IMPLEMENTATIONS = ("bnjax", "bnjax cpu_kernel", "flax.linen")   # the keys of layer_classes() on the CPU
+IMPLEMENTATIONS = ("bnjax", "flax.linen")   # the keys of layer_classes()
 DEFAULT_HOST_DEVICES = 8
 
 
@@ -59,15 +58,11 @@ LEARNING_RATE = 0.05
 TOLERANCE = 2e-4        # relative to the largest magnitude of each compared array
 
 
-def layer_classes(platform: str = "cpu", prototypes: bool = False) -> dict[str, Callable[..., Any]]:
+def layer_classes(prototypes: bool = False) -> dict[str, Callable[..., Any]]:
   """name -> a flax.linen batch norm class taking flax.linen.BatchNorm's arguments."""
-  import functools  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import bnjax.nn  # pylint: disable=g-import-not-at-top
-  classes = {"bnjax": bnjax.nn.BatchNorm}
-  if platform == "cpu":
-    classes["bnjax cpu_kernel"] = functools.partial(bnjax.nn.BatchNorm, implementation="cpu_kernel")
-  classes[BASELINE] = nn.BatchNorm
+  classes = {"bnjax": bnjax.nn.BatchNorm, BASELINE: nn.BatchNorm}
   if prototypes:
     from benchmarks import prototypes as prototypes_lib  # pylint: disable=g-import-not-at-top
     classes.update(prototypes_lib.layer_classes())
@@ -201,7 +196,7 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  classes = classes or layer_classes(jax.default_backend())
+  classes = classes or layer_classes()
   mesh_devices = jax.devices()[:devices]
   tx = optax.sgd(LEARNING_RATE, momentum=0.9)
   rng = np.random.default_rng(seed)
@@ -361,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.worker:
     rows = run_worker(modes, layers=layers, batch_size=args.batch_size, rounds=args.rounds,
                       warmup=1 if args.quick else 3, seed=args.seed,
-                      classes=layer_classes(args.platform, args.prototypes), devices=args.devices)
+                      classes=layer_classes(args.prototypes), devices=args.devices)
     with open(args.worker, "w") as f:
       json.dump({"rows": rows, "device": _harness.jax_device()}, f)
     return 0
