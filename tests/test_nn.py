@@ -400,7 +400,6 @@ def test_extras_are_the_core_options():
     ({"use_running_average": "yes"}, TypeError, "use_running_average"),
     ({"use_scale": 1}, TypeError, "use_scale"),
     ({"unbiased_running_var": None}, TypeError, "unbiased_running_var"),
-    ({"implementation": "cuda"}, ValueError, "implementation"),
   ],
 )
 def test_constructor_errors_name_the_argument(kwargs, error, match):

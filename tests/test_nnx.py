@@ -315,7 +315,6 @@ def test_dtypes_follow_flax_nnx(x_dtype, kwargs):
     ({"running": "ema_unbiased"}, ValueError, "running"),
     ({"use_running_average": 1}, TypeError, "use_running_average"),
     ({"rngs": 0}, TypeError, "rngs"),
-    ({"implementation": "pallas"}, ValueError, "implementation"),
   ],
 )
 def test_constructor_errors_name_the_argument(kwargs, error, match):
