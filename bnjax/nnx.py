@@ -89,15 +89,18 @@ class BatchNorm(nnx.Module):
     dtype: the computation and output dtype (default: promoted from the input and the variables, by
       `promote_dtype`, as flax does).
     param_dtype: the dtype of `scale` and `bias`.
-    use_bias, use_scale: learn `bias` (beta) / `scale` (gamma).
-    bias_init, scale_init: their initializers (zeros, ones).
+    use_bias: learn `bias` (beta).
+    use_scale: learn `scale` (gamma).
+    bias_init: the initializer of `bias` (zeros).
+    scale_init: the initializer of `scale` (ones).
     axis_name: the mapped axis (pmap, shard_map, vmap) over which batch statistics are synchronised.
     axis_index_groups: subsets of that axis's devices that are synchronised separately.
     use_fast_variance: accepted for compatibility; bnjax always uses the stable variance.
     promote_dtype: flax's dtype promotion of `(x, mean, var, scale, bias)`; the promoted input, scale
       and bias are normalized, while the running statistics stay float32.
     rngs: the `nnx.Rngs` whose `params` stream feeds the initializers.
-    bias_metadata, scale_metadata: metadata of the `bias` / `scale` `nnx.Param`s.
+    bias_metadata: metadata of the `bias` `nnx.Param`.
+    scale_metadata: metadata of the `scale` `nnx.Param`.
     virtual_batch_size: ghost batch size, or None for the whole batch.
     unbiased_running_var: store the unbiased batch variance in the running variance.
     running: the running-statistics rule, one of `bnjax.RUNNING_RULES`.

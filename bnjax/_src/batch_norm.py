@@ -272,7 +272,9 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
     `(y, new_stats)`: y with x's shape and dtype; new_stats like `stats`.
 
   Raises:
-    ValueError / TypeError / NameError naming the argument that is wrong.
+    ValueError: a shape, axis, mask or value out of range; the message names the argument.
+    TypeError: an argument of the wrong type or dtype.
+    NameError: an `axis_name` that no enclosing `shard_map`, `pmap` or `vmap` binds.
   """
   if not isinstance(train, bool):
     raise TypeError(f"`train` must be a Python bool (it selects the computation), got {train!r}.")

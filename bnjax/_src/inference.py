@@ -22,7 +22,8 @@ def fold_dense(kernel, bias, params: Optional[types.BatchNormParams], stats: typ
   Args:
     kernel: `(in_features, out_features)`.
     bias: `(out_features,)`, or None for a Dense without bias (batch norm's bias replaces it).
-    params, stats: the batch norm's variables over the `out_features` axis.
+    params: the batch norm's `BatchNormParams`, over the `out_features` axis.
+    stats: the batch norm's `BatchStats`, over the `out_features` axis.
     epsilon: the batch norm's epsilon.
 
   Returns:

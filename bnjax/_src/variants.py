@@ -30,9 +30,9 @@ def batch_renorm(x, params: Optional[types.BatchNormParams], stats: types.BatchS
                  axis_index_groups=None, mask=None):
   """Batch renormalization: batch norm whose batch statistics are corrected toward the running ones.
 
+  The arguments other than `rmax` and `dmax` are those of `bnjax.batch_norm`.
+
   Args:
-    x, params, stats, train, axis, decay, epsilon, axis_name, axis_index_groups, mask: as in
-      `bnjax.batch_norm`.
     rmax: bound on the scale correction `r`, >= 1 (a float or a scalar array, e.g. a schedule
       from 1 to 3 over training, computed by the caller).
     dmax: bound on the shift correction `d`, >= 0 (likewise).
