@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import bnjax
 import reference_numpy as ref
@@ -399,3 +399,40 @@ def test_eval_mode_takes_an_unbatched_input():
   x = jnp.array([1.0, 2.0, 3.0])
   y, _ = bnjax.batch_norm(x, params, stats, train=False, epsilon=1e-6)
   np.testing.assert_allclose(y, (x - stats.mean) / np.sqrt(4.0 + 1e-6), rtol=1e-6)
+
+
+@settings(deadline=None, max_examples=30)
+@given(data=st.data())
+def test_property_broadcastable_masks_per_feature(data):
+  ndim = data.draw(st.integers(2, 4), label="ndim")
+  shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim), label="shape"))
+  shape = (shape[0] + 3,) + shape[1:]
+  n_axes = data.draw(st.integers(1, ndim - 1), label="n_axes")
+  axes = tuple(sorted(data.draw(st.permutations(range(1, ndim)), label="perm")[:n_axes]))
+  seed = data.draw(st.integers(0, 2**16), label="seed")
+  # Flax's form: each axis of the mask either x's size or 1, leading axes possibly dropped.
+  ones = data.draw(st.lists(st.booleans(), min_size=ndim, max_size=ndim), label="size_one")
+  mask_shape = tuple(1 if one else d for d, one in zip(shape, ones))
+  leading_ones = next((i for i, m in enumerate(mask_shape) if m != 1), ndim)
+  mask_shape = mask_shape[data.draw(st.integers(0, min(leading_ones, ndim - 1)), label="dropped"):]
+  # A mask shaped like x without its feature axes is the row form, whatever its rank.
+  assume(mask_shape != tuple(d for i, d in enumerate(shape) if i not in axes))
+  x, _, gamma, beta, _ = _inputs(shape, axes, seed=seed)
+  mask = np.random.default_rng(seed).random(mask_shape) < 0.7
+  full = np.broadcast_to(mask, shape)
+  params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
+  _, stats = bnjax.init(gamma.shape)
+  y, new_stats = jax.jit(lambda x, m: bnjax.batch_norm(x, params, stats, train=True, axis=axes, mask=m,
+                                                       decay=0.0))(x, mask)
+  rest = [i for i in range(ndim) if i not in axes]
+  to_rows = lambda a: np.transpose(a, rest + list(axes)).reshape(-1, gamma.size)  # noqa: E731
+  xr, mr, yr = to_rows(x.astype(np.float64)), to_rows(full), to_rows(np.asarray(y))
+  for j in range(gamma.size):
+    values = xr[mr[:, j], j]
+    if values.size == 0:  # no value for this feature: y = bias, statistics kept
+      np.testing.assert_array_equal(yr[:, j], beta.reshape(-1)[j])
+      continue
+    mean, var = values.mean(), values.var()
+    want = (xr[:, j] - mean) / np.sqrt(var + 1e-5) * gamma.reshape(-1)[j] + beta.reshape(-1)[j]
+    np.testing.assert_allclose(yr[:, j], want, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(new_stats.var).reshape(-1)[j], var, atol=1e-4, rtol=1e-4)
