@@ -202,7 +202,7 @@ class BatchNorm(linen.Module):
     if train and not initializing:
       ra_mean.value = new_stats.mean.astype(_stored_dtype(stats_dtype, new_stats.mean))
       ra_var.value = new_stats.var.astype(stats_dtype)
-      if ra_count is not None:
+      if ra_count is not None and new_stats.count is not None:
         ra_count.value = new_stats.count
     return y.astype(out_dtype)
 

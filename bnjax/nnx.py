@@ -218,8 +218,8 @@ class BatchNorm(nnx.Module):
       return None if v is None else v.reshape(feature_shape)
 
     stats = bnjax.BatchStats(
-      mean=to_features(self.mean[...]),
-      var=to_features(self.var[...]),
+      mean=self.mean[...].reshape(feature_shape),
+      var=self.var[...].reshape(feature_shape),
       count=None if self.count is None else self.count[...],
     )
     train = not use_running_average

@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 PyTree = Any
+Device = Any  # jax.Device, which type checkers do not accept in annotations
 Batch = tuple[jax.Array, jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -191,7 +192,7 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_x, *, rng
 # ------------------------------------------------------------------------------------------------------
 
 
-def batch_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = "batch") -> Mesh:
+def batch_mesh(devices: Sequence[Device] | None = None, axis_name: str = "batch") -> Mesh:
   """A one-dimensional `Mesh` named `axis_name` over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (axis_name,))
@@ -206,7 +207,7 @@ def _check_mesh_axis(mesh: Mesh, axis_name: str, arg: str = "mesh") -> None:
     )
 
 
-def _pmap_devices(target) -> list[jax.Device]:
+def _pmap_devices(target) -> list[Device]:
   if target is None:
     return jax.local_devices()
   if isinstance(target, Mesh):
@@ -217,7 +218,7 @@ def _pmap_devices(target) -> list[jax.Device]:
   return devices
 
 
-def _pmap_sharding(devices: Sequence[jax.Device], axis_name: str) -> NamedSharding:
+def _pmap_sharding(devices: Sequence[Device], axis_name: str) -> NamedSharding:
   """The layout `pmap` gives its outputs: the leading axis split over `devices`, one entry per device."""
   return NamedSharding(Mesh(np.asarray(devices), (axis_name,)), P(axis_name))
 
@@ -227,7 +228,7 @@ def _place(a: Any, sharding: NamedSharding) -> jax.Array:
 
   Then every process must hold the same value `a`; each one places the pieces its own devices hold.
   """
-  if all(d.process_index == jax.process_index() for d in sharding.mesh.devices.flat):
+  if all(d.process_index == jax.process_index() for d in np.asarray(sharding.mesh.devices).flat):
     # A copy first: device_put would reuse `a`'s buffer for its device, and a step that donates the
     # placed state would then delete `a` too.
     return jax.device_put(jnp.copy(a), sharding)
@@ -239,7 +240,7 @@ def _place(a: Any, sharding: NamedSharding) -> jax.Array:
 
 def replicate(
   tree: PyTree,
-  mesh_or_devices: Mesh | Sequence[jax.Device] | None = None,
+  mesh_or_devices: Mesh | Sequence[Device] | None = None,
   *,
   axis_name: str = "batch",
   per_device_batch_stats: bool = False,
@@ -299,7 +300,8 @@ def process_batch_rows(global_batch_size: int, mesh: Mesh, *, axis_name: str = "
       f"{axis_name!r}"
     )
   indices = NamedSharding(mesh, P(axis_name)).addressable_devices_indices_map((global_batch_size,))
-  rows = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in indices.values()})
+  slices = [index[0] for index in indices.values() if index is not None]
+  rows = sorted({(s.start or 0, global_batch_size if s.stop is None else s.stop) for s in slices})
   start, stop = rows[0][0], rows[-1][1]
   if sum(b - a for a, b in rows) != stop - start or any(b != c for (_, b), (c, _) in zip(rows, rows[1:])):
     raise ValueError(
@@ -311,7 +313,7 @@ def process_batch_rows(global_batch_size: int, mesh: Mesh, *, axis_name: str = "
 
 def shard_batch(
   batch: PyTree,
-  mesh_or_devices: Mesh | Sequence[jax.Device] | None = None,
+  mesh_or_devices: Mesh | Sequence[Device] | None = None,
   *,
   axis_name: str = "batch",
   process_local: bool = False,
@@ -543,9 +545,7 @@ def make_train_step(
   # itself, and the explicit one would count it twice).
   mesh = _default_mesh(mesh, axis_name)
   per_device = not sync_batch_stats
-  state_specs = TrainState(
-    step=P(), params=P(), batch_stats=P(axis_name) if per_device else P(), opt_state=P(), rng=P()
-  )
+  state_specs = TrainState._make([P()] * len(TrainState._fields))._replace(batch_stats=P(axis_name) if per_device else P())
 
   def shard_step(state, batch):
     if per_device:  # each device holds its (1, ...) slice of the stacked per-device statistics

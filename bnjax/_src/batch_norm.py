@@ -48,15 +48,11 @@ def init(feature_shape: Union[int, Sequence[int]], *, dtype=jnp.float32, use_sca
   Returns:
     `(BatchNormParams(scale, bias), BatchStats(mean, var, count))`.
   """
-  is_int = isinstance(feature_shape, (int, np.integer)) and not isinstance(feature_shape, bool)
-  shape = (feature_shape,) if is_int else feature_shape
-  try:
-    shape = tuple(shape)
-  except TypeError:
-    shape = (0,)
-  if not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
+  sizes = [feature_shape] if isinstance(feature_shape, (int, np.integer)) else feature_shape
+  if not isinstance(sizes, (list, tuple)) or not sizes or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in sizes):
     raise ValueError(f"`feature_shape` must be a positive int or a tuple of them, got {feature_shape!r}.")
-  shape = tuple(int(d) for d in shape)
+  shape = tuple(int(d) for d in sizes)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
   checks.check_bool(use_scale, "use_scale")
@@ -71,11 +67,14 @@ def init(feature_shape: Union[int, Sequence[int]], *, dtype=jnp.float32, use_sca
   return params, stats
 
 
-def _at_features(value, axes: Tuple[int, ...], shape, dtype):
-  """A feature-shaped array (or None) laid out to broadcast against an array of `shape`."""
-  if value is None:
-    return None
-  return value.astype(dtype).reshape(tuple(shape[i] if i in axes else 1 for i in range(len(shape))))
+def _at_features(value, axes: Tuple[int, ...], shape, dtype) -> jax.Array:
+  """A feature-shaped array laid out to broadcast against an array of `shape`."""
+  return jnp.asarray(value, dtype).reshape(tuple(shape[i] if i in axes else 1 for i in range(len(shape))))
+
+
+def _maybe(fn, value, default=None, **kwargs):
+  """`fn(value)` for an optional value (a missing scale or bias)."""
+  return default if value is None else fn(value, **kwargs)
 
 
 def _normalize_with(x, mean, inv_std, scale, bias):
@@ -93,7 +92,7 @@ def _train_forward(x, scale, bias, mask, spec, epsilon):
   if mask is not None:  # a feature without values normalizes to x_hat = 0: y = bias, finite gradients
     inv_std = jnp.where(count > 0, inv_std, 0.0)
   at = functools.partial(_at_features, axes=spec.feature_axes, shape=x.shape, dtype=mean.dtype)
-  y = _normalize_with(x, mean, inv_std, at(scale), at(bias))
+  y = _normalize_with(x, mean, inv_std, _maybe(at, scale), _maybe(at, bias))
   return y, mean, var, count, inv_std
 
 
@@ -121,7 +120,7 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
         spec.axis_names, spec.axis_index_groups)
     safe_count = jnp.maximum(count, 1.0)
     t_mean, t_proj = sum_t / safe_count, sum_proj / safe_count
-    gain = inv_std if scale is None else at(scale) * inv_std
+    gain = inv_std * _maybe(at, scale, 1.0)
     ty = gain * tx
     offset = offset - gain * t_mean
     slope = slope - gain * t_proj
@@ -212,8 +211,8 @@ def _normalize(x, mean, var, params, spec: checks.Spec, epsilon: float):
   real = jnp.finfo(acc).dtype
   at = functools.partial(_at_features, axes=spec.feature_axes, shape=x.shape)
   scale, bias = (None, None) if params is None else params
-  return _normalize_with(x, at(jnp.asarray(mean), dtype=acc), jax.lax.rsqrt(at(jnp.asarray(var), dtype=real) + epsilon),
-                         at(scale, dtype=real), at(bias, dtype=acc))
+  inv_std = jax.lax.rsqrt(at(var, dtype=real) + epsilon)
+  return _normalize_with(x, at(mean, dtype=acc), inv_std, _maybe(at, scale, dtype=real), _maybe(at, bias, dtype=acc))
 
 
 def _train(x, params, mask, spec: checks.Spec, epsilon: float, virtual_batch_size):

@@ -48,9 +48,13 @@ def static_value(value):
     return None
   if isinstance(value, numbers.Real):
     return float(value)
-  if isinstance(value, (np.ndarray, np.generic, jax.Array)) and not isinstance(value, jax.core.Tracer):
-    if np.shape(value) == () and np.issubdtype(np.asarray(value).dtype, np.number):
-      return float(np.asarray(value).real)
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.shape(value) == ():
+    try:
+      host = np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return None  # traced: checked by nobody, as with any traced hyperparameter
+    if np.issubdtype(host.dtype, np.number):
+      return float(np.real(host))
   return None
 
 

@@ -43,7 +43,7 @@ def update(stats: types.BatchStats, batch_mean, batch_var, *, decay, running: st
     new_mean = decay * old_mean + (1.0 - decay) * batch_mean
     new_var = decay * old_var + (1.0 - decay) * batch_var
   else:
-    t = (stats.count + 1).astype(old_var.dtype)
+    t = (jnp.asarray(stats.count) + 1).astype(old_var.dtype)
     if running == "cumulative":
       weight = 1.0 / t
     else:
@@ -57,6 +57,6 @@ def update(stats: types.BatchStats, batch_mean, batch_var, *, decay, running: st
   if has_rows is not None:
     new_mean = jnp.where(has_rows, new_mean, old_mean)
     new_var = jnp.where(has_rows, new_var, old_var)
-    if new_count is not None:
-      new_count = jnp.where(jnp.any(has_rows), new_count, stats.count)
+    if stats.count is not None:
+      new_count = jnp.where(jnp.any(has_rows), stats.count + 1, stats.count)
   return types.BatchStats(new_mean, new_var, new_count)
