@@ -149,7 +149,7 @@ def machine_info() -> dict[str, Any]:
       **jax_device(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       # glibc.malloc.hugetlb=1 backs large buffers with transparent huge pages, which changes the cost of
-      # every fresh output buffer (see RESULTS.md); the same setting applies to every implementation of a run.
+      # every fresh output buffer (see docs/performance.md); the same setting applies to every implementation of a run.
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "load_average": os.getloadavg(),
       "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

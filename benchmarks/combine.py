@@ -38,7 +38,7 @@ def _rejudged(row: dict[str, Any]) -> dict[str, Any]:
   case = ops.Case(tuple(row["shape"]), row["dtype"], row["mode"])
   tolerance = _reference.TOLERANCE[row["dtype"]]
   failing = {name for name, error in row["max_errors"].items() if error > tolerance}
-  deviation = ops._known_deviation(case, row["implementation"], failing)  # pylint: disable=protected-access
+  deviation = ops.known_deviation(case, row["implementation"], failing)
   return row if deviation is None else {**row, "check": "known deviation", "error": deviation.reason}
 
 

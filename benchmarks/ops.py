@@ -20,7 +20,7 @@ x for the statistics, read x and g for the two backward sums, read x and g and w
 that reads 4 arrays and writes 1).
 
 Results: a markdown table on stdout, and results.json / results.md in --out (default benchmarks/out/ops,
-ignored by git; the committed record is benchmarks/RESULTS.md).
+ignored by git; the committed record is docs/performance.md).
 """
 import argparse
 import dataclasses
@@ -128,7 +128,7 @@ def expected_outputs(case: Case, data: CaseData, reference: _reference.Reference
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# JAX implementations: each supplies a pure forward(x, params, state) -> (y, new_state); `_jax_prepared` jits it
+# JAX implementations: each supplies a pure forward(x, params, state) -> (y, new_state); `jax_prepared` jits it
 # (forward, or forward + VJP for fwd_bwd) and extracts the outputs.
 
 
@@ -136,7 +136,7 @@ def _f64(array) -> np.ndarray:
   return np.asarray(jnp.asarray(array, jnp.float32), np.float64)
 
 
-def _jax_prepared(case: Case, forward: Callable, x, params, state, cotangent, *,
+def jax_prepared(case: Case, forward: Callable, x, params, state, cotangent, *,
                   running: Callable[[Any], tuple], param_grads: Callable[[Any], tuple],
                   to_canonical: Callable[[np.ndarray], np.ndarray] = lambda a: a,
                   rule: _reference.RunningRule, note: str = "", state_in_vjp: bool = False) -> Prepared:
@@ -192,7 +192,7 @@ def build_bnjax(case: Case, data: CaseData) -> Prepared:
   def forward(x, params, stats):
     return bnjax.batch_norm(x, params, stats, train=True, axis=-1, decay=data.decay, epsilon=data.epsilon)
 
-  return _jax_prepared(case, forward, x, params, stats, g,
+  return jax_prepared(case, forward, x, params, stats, g,
                        running=lambda s: (s.mean, s.var), param_grads=lambda p: (p.scale, p.bias),
                        rule=_reference.ema_rule(data.mean0, data.var0, data.decay))
 
@@ -211,7 +211,7 @@ def _build_flax_linen(case: Case, data: CaseData, *, fast_variance: bool) -> Pre
     y, updates = module.apply({"params": params, "batch_stats": state}, x, mutable=["batch_stats"])
     return y, updates["batch_stats"]
 
-  return _jax_prepared(case, forward, x, params, state, g,
+  return jax_prepared(case, forward, x, params, state, g,
                        running=lambda s: (s["mean"], s["var"]), param_grads=lambda p: (p["scale"], p["bias"]),
                        rule=_reference.ema_rule(data.mean0, data.var0, data.decay))
 
@@ -243,7 +243,7 @@ def build_flax_nnx(case: Case, data: CaseData) -> Prepared:
     _, _, new_state = nnx.split(model, nnx.Param, nnx.BatchStat)
     return y, new_state
 
-  return _jax_prepared(case, forward, x, params, state, g,
+  return jax_prepared(case, forward, x, params, state, g,
                        running=lambda s: (s["mean"][...], s["var"][...]),
                        param_grads=lambda p: (p["scale"][...], p["bias"][...]),
                        rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
@@ -288,7 +288,7 @@ def build_haiku(case: Case, data: CaseData) -> Prepared:
   note = "E[x^2]-E[x]^2 in the input dtype"
   if abs(decay - data.decay) > 1e-6:
     note += f"; decay rounded to {decay:.8g}"
-  return _jax_prepared(
+  return jax_prepared(
       case, forward, x, params, state, g,
       running=lambda s: (s["batch_norm/~/mean_ema"]["average"], s["batch_norm/~/var_ema"]["average"]),
       param_grads=lambda p: (p["batch_norm"]["scale"], p["batch_norm"]["offset"]),
@@ -320,7 +320,7 @@ def build_equinox(case: Case, data: CaseData) -> Prepared:
     y, new_state = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
     return y.astype(x.dtype), new_state   # float32 parameters promote the output; cast back like the peers
 
-  return _jax_prepared(case, forward, x, params, state, g,
+  return jax_prepared(case, forward, x, params, state, g,
                        running=lambda s: s.get(model.batch_state_index), param_grads=lambda p: p,
                        to_canonical=_channels_last,
                        rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
@@ -345,7 +345,7 @@ def build_jnp(case: Case, data: CaseData) -> Prepared:
                  data.decay * running_var + (1 - data.decay) * var)
     return y.astype(x.dtype), new_state
 
-  return _jax_prepared(case, forward, x, params, state, g, running=lambda s: s, param_grads=lambda p: p,
+  return jax_prepared(case, forward, x, params, state, g, running=lambda s: s, param_grads=lambda p: p,
                        rule=_reference.ema_rule(data.mean0, data.var0, data.decay))
 
 
@@ -481,7 +481,7 @@ KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
 )
 
 
-def _known_deviation(case: Case, implementation: str, failing: set[str]) -> KnownDeviation | None:
+def known_deviation(case: Case, implementation: str, failing: set[str]) -> KnownDeviation | None:
   for deviation in KNOWN_DEVIATIONS:
     if deviation.implementation == implementation and deviation.applies(case) and failing <= deviation.arrays:
       return deviation
@@ -582,7 +582,7 @@ def run_case(case: Case, implementations: Sequence[Implementation], *, rounds: i
         want = expected_outputs(case, data, reference, prepared.running_rule)
         ok, errors = _reference.compare(prepared.outputs(result), want, tolerance)
         row.check, row.max_errors = ("pass" if ok else "FAIL"), errors
-        deviation = _known_deviation(case, impl.name, {k for k, e in errors.items() if e > tolerance})
+        deviation = known_deviation(case, impl.name, {k for k, e in errors.items() if e > tolerance})
         if not ok and deviation is not None:
           row.check, row.error = "known deviation", deviation.reason
       if prepared.compile_s is not None:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from benchmarks import _reference
 from benchmarks import ops
-from bnjax._src import moments as moments_lib
+from bnjax._src import fusion
 
 # Recompute the variance exactly when (mean - K)^2 exceeds this multiple of it: float32 then keeps at least
 # 24 - log2(1 + 2^8) ~ 16 bits of the variance.
@@ -71,7 +71,7 @@ def _converter(per_use: bool):
   def convert(a):
     if a.dtype == jnp.float32:
       return a
-    return moments_lib.upcast(a, jnp.float32, next(uses))   # the core's per-use conversion (adopted from here)
+    return fusion.upcast(a, jnp.float32, next(uses))   # the core's per-use conversion (adopted from here)
 
   return convert
 
@@ -87,7 +87,7 @@ def _two_pass_stats(x, shift, f32):
   return mean, m2 / count
 
 
-def _guarded_one_pass_stats(x, shift, f32):
+def guarded_one_pass_stats(x, shift, f32):
   """Mean and variance from sum(x - K), sum((x - K)^2) (K = 0 when shift is None); an exact second pass
   only if that lost bits."""
   count = x.size // x.shape[-1]
@@ -113,7 +113,7 @@ def _guarded_one_pass_stats(x, shift, f32):
 
 def _unshifted_guarded_stats(x, shift, f32):
   del shift
-  return _guarded_one_pass_stats(x, None, f32)
+  return guarded_one_pass_stats(x, None, f32)
 
 
 def _chan_merge(a, b):
@@ -186,7 +186,7 @@ def _build(stats_fn, **options):
     def forward(x, params, state):
       return _train(batch_norm, x, *params, *state, data.decay)
 
-    return ops._jax_prepared(  # pylint: disable=protected-access
+    return ops.jax_prepared(  # pylint: disable=protected-access
         case, forward, x, params, state, g, running=lambda s: s, param_grads=lambda p: p,
         rule=_reference.ema_rule(data.mean0, data.var0, data.decay), note="prototype")
   return build
@@ -195,7 +195,7 @@ def _build(stats_fn, **options):
 IMPLEMENTATIONS = (
     ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
     ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
-    ops.Implementation("proto: shifted guarded one-pass vjp", _build(_guarded_one_pass_stats)),
+    ops.Implementation("proto: shifted guarded one-pass vjp", _build(guarded_one_pass_stats)),
     ops.Implementation("proto: Chan one-pass vjp", _build(_chan_one_pass_stats)),
     ops.Implementation("proto: two-pass vjp + per-use converts",
                        _build(_two_pass_stats, convert_per_use=True)),

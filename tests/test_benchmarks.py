@@ -73,7 +73,7 @@ def _wrong_forward(bug):
 
 def _wrong_implementation(bug):
   def build(case, data):
-    return ops._jax_prepared(  # pylint: disable=protected-access
+    return ops.jax_prepared(  # pylint: disable=protected-access
         case, _wrong_forward(bug), jnp.asarray(data.x), (jnp.asarray(data.scale), jnp.asarray(data.bias)),
         (jnp.asarray(data.mean0), jnp.asarray(data.var0)), jnp.asarray(data.cotangent),
         running=lambda s: s, param_grads=lambda p: p,
@@ -261,7 +261,7 @@ def test_prototypes_pass_the_check_and_the_guard_keeps_the_variance_exact():
   x = 1e4 + np.random.default_rng(0).standard_normal((2048, 4)).astype(np.float32)  # one pass loses all bits
   want = np.var(x.astype(np.float64), axis=0)
   for shift in (None, jnp.zeros(4)):
-    stats = lambda x, k: prototypes._guarded_one_pass_stats(x, k, lambda a: a)  # pylint: disable=protected-access
+    stats = lambda x, k: prototypes.guarded_one_pass_stats(x, k, lambda a: a)
     _, var = jax.jit(stats)(jnp.asarray(x), shift)
     np.testing.assert_allclose(np.asarray(var), want, rtol=1e-5)
 
@@ -285,11 +285,11 @@ def test_combine_takes_medians_over_runs(tmp_path):
 
 def test_known_deviations_cover_only_their_arrays_and_never_bnjax():
   nhwc = ops.Case((64, 32, 32, 64), "bfloat16", "fwd_bwd")
-  assert ops._known_deviation(nhwc, "haiku", {"dbias", "dscale"})  # pylint: disable=protected-access
-  assert not ops._known_deviation(nhwc, "haiku", {"dbias", "dx"})  # pylint: disable=protected-access
-  assert not ops._known_deviation(ops.Case((4096, 1024), "bfloat16", "fwd_bwd"), "haiku",  # pylint: disable=protected-access
+  assert ops.known_deviation(nhwc, "haiku", {"dbias", "dscale"})  # pylint: disable=protected-access
+  assert not ops.known_deviation(nhwc, "haiku", {"dbias", "dx"})  # pylint: disable=protected-access
+  assert not ops.known_deviation(ops.Case((4096, 1024), "bfloat16", "fwd_bwd"), "haiku",  # pylint: disable=protected-access
                                   {"dbias"})
-  assert not ops._known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})  # pylint: disable=protected-access
+  assert not ops.known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})  # pylint: disable=protected-access
   assert all(deviation.implementation != "bnjax" for deviation in ops.KNOWN_DEVIATIONS)
 
 
