@@ -134,3 +134,66 @@ def test_init_arguments():
 def test_normalize_statistics_shape():
   with pytest.raises(ValueError, match=r"`var` has shape \(3,\)"):
     bnjax.normalize(X, np.zeros(4), np.ones(3))
+
+
+@pytest.mark.parametrize("epsilon", [jnp.float32(-1.0), np.float64(0.0), float("nan"), float("inf")])
+def test_concrete_array_epsilon_is_checked(variables, epsilon):
+  params, stats = variables
+  with pytest.raises(ValueError, match=r"`epsilon` must be a finite float > 0"):
+    bnjax.batch_norm(X, params, stats, train=True, epsilon=epsilon)
+
+
+def test_traced_epsilon_is_refused(variables):
+  params, stats = variables
+  with pytest.raises(TypeError, match=r"`epsilon` must be a concrete float"):
+    jax.jit(lambda e: bnjax.batch_norm(X, params, stats, train=True, epsilon=e))(1e-5)
+
+
+@pytest.mark.parametrize("decay", [jnp.float32(1.5), np.float64(-0.5), "0.9", None])
+def test_decay_values_and_types(variables, decay):
+  params, stats = variables
+  with pytest.raises((ValueError, TypeError), match=r"`decay` must be"):
+    bnjax.batch_norm(X, params, stats, train=True, decay=decay)
+
+
+def test_list_mask_is_named(variables):
+  params, stats = variables
+  with pytest.raises(TypeError, match=r"`mask` must be a boolean array.*int"):
+    bnjax.batch_norm(X, params, stats, train=True, mask=[1, 0, 1, 1, 1, 1, 1, 1])
+  y, _ = bnjax.batch_norm(X, params, stats, train=True, mask=[True] * 4 + [False] * 4)  # a bool list is fine
+  assert y.shape == X.shape
+
+
+@pytest.mark.parametrize("feature_shape", [np.int64(4), (np.int32(2), 2), [4]])
+def test_init_takes_numpy_ints_and_lists(feature_shape):
+  params, stats = bnjax.init(feature_shape)
+  assert params.scale.size == 4 and stats.var.size == 4
+
+
+@pytest.mark.parametrize("feature_shape", [True, 2.0, (), (2, -1), "4", None])
+def test_init_refuses_other_shapes(feature_shape):
+  with pytest.raises(ValueError, match=r"`feature_shape` must be a positive int"):
+    bnjax.init(feature_shape)
+
+
+def test_moments_of_no_values_are_nan():
+  mean, var = bnjax.moments(X, mask=np.zeros(8, bool))
+  assert np.all(np.isnan(mean)) and np.all(np.isnan(var))
+  mean, var = bnjax.moments(np.ones((0, 4), np.float32))
+  assert np.all(np.isnan(mean)) and np.all(np.isnan(var))
+
+
+def test_one_true_row_has_zero_variance(variables):
+  params, stats = variables
+  mask = np.zeros(8, bool)
+  mask[3] = True
+  y, new_stats = bnjax.batch_norm(X * np.arange(8)[:, None], params, stats, train=True, mask=mask, decay=0.5)
+  np.testing.assert_allclose(new_stats.var, 0.5)  # the running variance moves toward the batch's 0
+  np.testing.assert_allclose(new_stats.mean, 1.5)
+  assert np.all(np.isfinite(y))
+
+
+def test_an_empty_batch_is_refused_even_when_one_is_allowed(variables):
+  params, stats = variables
+  with pytest.raises(ValueError, match=r"got 0 value per feature"):
+    bnjax.batch_norm(np.ones((0, 4), np.float32), params, stats, train=True, allow_batch_of_one=True)

@@ -316,7 +316,7 @@ def train_spec(x, params, stats, *, axis, axis_name, axis_index_groups, mask, vi
   if virtual_batch_size is not None:  # ghost batches are local to each device
     count = math.prod(x.shape[i] for i in s.reduced_axes) // x.shape[0] * virtual_batch_size
   check_bool(allow_batch_of_one, "allow_batch_of_one")
-  if count < 2 and not allow_batch_of_one:
+  if count == 0 or (count == 1 and not allow_batch_of_one):
     devices = f" across the devices of axis_name={axis_name!r}" if s.axis_names else ""
     ghost = f" per group of virtual_batch_size={virtual_batch_size}" if virtual_batch_size else ""
     raise ValueError(
