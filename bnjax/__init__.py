@@ -11,6 +11,7 @@ step in `bnjax.training` (these need the `[flax]` extra).
 from bnjax._src.batch_norm import batch_norm
 from bnjax._src.batch_norm import init
 from bnjax._src.batch_norm import normalize
+from bnjax._src.inference import fold_conv
 from bnjax._src.inference import fold_dense
 from bnjax._src.moments import moments
 from bnjax._src.types import BatchNormParams
@@ -27,6 +28,7 @@ __all__ = (
     "RUNNING_RULES",
     "batch_norm",
     "batch_renorm",
+    "fold_conv",
     "fold_dense",
     "init",
     "moments",
