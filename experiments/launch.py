@@ -10,16 +10,26 @@ runs on both processes at once, its collectives going through Gloo over loopback
 The launcher
 
 * sets, in each child's environment: `BNJAX_COORDINATOR_ADDRESS=127.0.0.1:PORT`, `BNJAX_NUM_PROCESSES`,
-  `BNJAX_PROCESS_ID`, `BNJAX_INIT_TIMEOUT` (seconds), `BNJAX_RENDEZVOUS_ADDRESS` (a second loopback port
-  where the processes meet before JAX connects them), `XLA_FLAGS` with
-  `--xla_force_host_platform_device_count=<devices-per-process>`, `JAX_PLATFORMS=cpu` (unless set),
-  `PYTHONUNBUFFERED=1`, and `PYTHONPATH` led by the repository root, so that a child imports
-  `experiments.launch` wherever its script lives;
-* forwards every line the children print (stdout and stderr) prefixed with `[<process id>]`;
-* stops the other processes as soon as one fails, and returns the first failure's exit status (non-zero);
+  `BNJAX_PROCESS_ID`, `BNJAX_INIT_TIMEOUT`, `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`
+  (seconds), `BNJAX_RENDEZVOUS_ADDRESS` (a second loopback port where the processes meet before JAX
+  connects them), `XLA_FLAGS` with `--xla_force_host_platform_device_count=<devices-per-process>`,
+  `JAX_PLATFORMS=cpu` (unless set), `PYTHONUNBUFFERED=1`, and `PYTHONPATH` led by the repository root, so
+  that a child imports `experiments.launch` wherever its script lives;
+* checks that the coordinator port is free on 127.0.0.1 before starting anything;
+* starts each child in a process group of its own and forwards every line the children print (stdout and
+  stderr) prefixed with `[<process id>]`;
+* stops the other processes (their whole process groups: SIGTERM, then SIGKILL after 5 s) as soon as one
+  fails, names it (process id, exit code or signal, the last lines of its output) and returns its exit
+  status; SIGTERM, SIGINT or SIGHUP to the launcher stops every process the same way (status 128 + signal);
 * is bounded in time: a process that cannot reach its peers fails within `--timeout` seconds (in
   `initialize`, with a message naming the coordinator), and `--max-time` bounds the whole run (exit status
   124, like `timeout(1)`).
+
+In the child, `initialize()` makes a failure end fast: an uncaught exception exits the process at once
+(status 1, or 130 for KeyboardInterrupt) instead of waiting at JAX's shutdown barrier for peers that may
+be blocked in a collective; a peer that dies is detected by JAX's heartbeats within
+`--heartbeat-timeout` seconds (the survivors exit non-zero with a message naming the task that stopped);
+and a process exiting while a peer never reaches the end waits at most `--shutdown-timeout` seconds.
 
 Only loopback addresses are used; without `--port` a free port is picked. Run the launcher from the
 repository root (the experiments are not installed with bnjax) or with the root on `PYTHONPATH`.
@@ -27,7 +37,13 @@ repository root (the experiments are not installed with bnjax) or with the root 
 from __future__ import annotations
 
 import argparse
+import atexit
+import collections
+import contextlib
+import inspect
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -41,10 +57,13 @@ __all__ = [
   "launch",
   "main",
   "free_port",
+  "check_port_free",
   "ENV_COORDINATOR",
   "ENV_NUM_PROCESSES",
   "ENV_PROCESS_ID",
   "ENV_INIT_TIMEOUT",
+  "ENV_HEARTBEAT_TIMEOUT",
+  "ENV_SHUTDOWN_TIMEOUT",
   "ENV_RENDEZVOUS",
 ]
 
@@ -52,11 +71,19 @@ ENV_COORDINATOR = "BNJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "BNJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "BNJAX_PROCESS_ID"
 ENV_INIT_TIMEOUT = "BNJAX_INIT_TIMEOUT"
+ENV_HEARTBEAT_TIMEOUT = "BNJAX_HEARTBEAT_TIMEOUT"
+ENV_SHUTDOWN_TIMEOUT = "BNJAX_SHUTDOWN_TIMEOUT"
 ENV_RENDEZVOUS = "BNJAX_RENDEZVOUS_ADDRESS"
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _TIMEOUT_EXIT_STATUS = 124  # timeout(1)'s status for "ran out of time"
 _GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when stopping the other processes
+_HEARTBEAT_TIMEOUT = 20  # JAX's default (100 s) would leave a dead peer unnoticed for minutes
+_SHUTDOWN_TIMEOUT = 30  # JAX's default (300 s) would keep a failed job alive for minutes
+_SLOW_SHUTDOWN_NOTICE = 5.0  # seconds at the shutdown barrier before a child says why it waits
+_TAIL_LINES = 20  # of a failed process's output, repeated in the launcher's message
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+_STACK_ADDRESS = re.compile(r"\s*@\s+0x[0-9a-f]+\s")  # a frame of absl's fatal-error stack trace
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -64,8 +91,10 @@ _GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when stopping the other proc
 # ------------------------------------------------------------------------------------------------------
 
 
-def _env_int(name: str, environ) -> int:
+def _env_int(name: str, environ, default: int | None = None) -> int:
   value = environ.get(name)
+  if value is None and default is not None:
+    return default
   if value is None:
     raise RuntimeError(
       f"environment variable {name} is not set: experiments.launch.initialize() runs in a process started by "
@@ -81,11 +110,17 @@ def initialize(environ=None) -> None:
   """Joins this process to the others of the launch: `jax.distributed.initialize` from the launcher's env.
 
   Call it first thing in the child, before any JAX computation (the backend must not be initialized yet).
-  It selects Gloo for cross-process CPU collectives and connects to the coordinator, waiting at most
-  `BNJAX_INIT_TIMEOUT` seconds for every process to arrive.
+  It selects Gloo on 127.0.0.1 for cross-process CPU collectives, connects to the coordinator (waiting at
+  most `BNJAX_INIT_TIMEOUT` seconds for every process to arrive), bounds JAX's failure detection by
+  `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`, and makes an uncaught exception exit the process
+  at once rather than wait at the shutdown barrier for peers that may never get there.
+
+  Args:
+    environ: the environment to read (default: `os.environ`).
 
   Raises:
-    RuntimeError: if the environment variables are missing, or the peers cannot be reached in time.
+    RuntimeError: if the environment variables are missing, the coordinator's port is taken, or the peers
+      cannot be reached in time.
   """
   import jax  # pylint: disable=g-import-not-at-top  (the launcher itself never imports jax)
 
@@ -99,24 +134,161 @@ def initialize(environ=None) -> None:
   num_processes = _env_int(ENV_NUM_PROCESSES, environ)
   process_id = _env_int(ENV_PROCESS_ID, environ)
   timeout = _env_int(ENV_INIT_TIMEOUT, environ)
+  heartbeat = _env_int(ENV_HEARTBEAT_TIMEOUT, environ, _HEARTBEAT_TIMEOUT)
+  shutdown = _env_int(ENV_SHUTDOWN_TIMEOUT, environ, _SHUTDOWN_TIMEOUT)
   rendezvous = environ.get(ENV_RENDEZVOUS)
   if rendezvous and num_processes > 1:
     # JAX's own wait for missing peers ends in a C++ abort with a terse message; meeting first in Python
     # turns that case into a RuntimeError that says who is missing.
     _rendezvous(rendezvous, num_processes=num_processes, process_id=process_id, timeout=timeout)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  host, port = _split_address(coordinator)
+  if process_id == 0:
+    # A taken port makes JAX's coordinator crash with SIGSEGV; say which port instead.
+    try:
+      check_port_free(port, host=host)
+    except ValueError as e:
+      raise RuntimeError(f"process 0 of {num_processes}: cannot host the coordinator: {e}") from None
+  _loopback_gloo(jax)
+  options = _supported_options(
+    jax.distributed.initialize,
+    heartbeat_timeout_seconds=heartbeat,
+    shutdown_timeout_seconds=shutdown,
+    coordinator_bind_address=coordinator,  # JAX's default binds every interface: keep to the address given
+  )
   try:
     jax.distributed.initialize(
       coordinator_address=coordinator,
       num_processes=num_processes,
       process_id=process_id,
       initialization_timeout=timeout,
+      **options,
     )
   except Exception as e:  # the runtime raises several types (XlaRuntimeError, RuntimeError, ...)
     raise RuntimeError(
       f"process {process_id} of {num_processes} could not join the others through the coordinator at "
       f"{coordinator} within {timeout} s (a peer never started, exited early, or the port is blocked): {e}"
     ) from e
+  if num_processes > 1:
+    _fail_fast(process_id, num_processes, shutdown)
+
+
+def _supported_options(function, **options) -> dict:
+  """The keyword `options` that `function`'s signature accepts (they vary across JAX versions).
+
+  Args:
+    function: the callable to inspect.
+    **options: candidate keyword arguments.
+
+  Returns:
+    The subset of `options` whose names are parameters of `function`.
+  """
+  parameters = inspect.signature(function).parameters
+  return {name: value for name, value in options.items() if name in parameters}
+
+
+def _loopback_gloo(jax) -> None:
+  """Selects Gloo for CPU collectives, listening on 127.0.0.1 where this JAX version lets us say so.
+
+  Left alone, Gloo listens on the address the host name resolves to, which need not be loopback.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    make_collectives, make_client = _jax.make_gloo_tcp_collectives, xla_bridge.make_cpu_client
+    register = xla_bridge.register_backend_factory
+  except (ImportError, AttributeError):
+    return  # another JAX layout: keep its default
+  if "hostname" not in (make_collectives.__doc__ or ""):
+    return  # this version's Gloo cannot be told an address
+
+  def cpu_client():
+    collectives = make_collectives(distributed_client=distributed.global_state.client, hostname="127.0.0.1")
+    return make_client(collectives=collectives)
+
+  register("cpu", cpu_client, priority=0, fail_quietly=False)
+
+
+class _ProgramExit(SystemExit):
+  """The SystemExit of `sys.exit` after `initialize()`: notes the status when the interpreter exits with it.
+
+  Only the interpreter reads `code` with no Python caller (when the exception ended the program), so a
+  SystemExit the program catches, even one whose `code` it reads, leaves no note.
+  """
+
+  @property
+  def code(self):  # pyright: ignore[reportIncompatibleVariableOverride]
+    code = SystemExit.code.__get__(self)
+    try:
+      sys._getframe(1)  # pylint: disable=protected-access
+    except ValueError:
+      _ENDING_STATUS.append(code)
+    return code
+
+
+_ENDING_STATUS: list = []  # the status `sys.exit` ended the program with (see `_ProgramExit`)
+
+
+def _status_of(code) -> int:
+  if code is None:
+    return 0
+  return code if isinstance(code, int) else 1  # as the interpreter does: a message exits with 1
+
+
+def _fail_fast(process_id: int, num_processes: int, shutdown: int) -> None:
+  """Makes a failing process exit at once, without waiting at JAX's shutdown barrier for the others.
+
+  At exit JAX waits for every process to shut down too; a peer blocked in a collective with this one never
+  does, so a failed process would hang there for `shutdown` seconds and then abort, its status lost. Here an
+  uncaught exception (status 1, or 130 for KeyboardInterrupt) and `sys.exit(n)` with n != 0 end the
+  process as soon as the program ends; a process that ends with 0 still waits, and says so after a while.
+
+  Args:
+    process_id: this process's id, for the messages.
+    num_processes: the number of processes, for the messages.
+    shutdown: the barrier's timeout in seconds, for the message.
+  """
+  def leave(status: int, why: str) -> None:
+    try:
+      print(f"process {process_id} of {num_processes}: exiting with status {status} ({why}), without waiting "
+            "for the other processes", file=sys.stderr)
+      sys.stdout.flush()
+      sys.stderr.flush()
+    finally:
+      os._exit(status)  # pylint: disable=protected-access
+
+  previous_hook = sys.excepthook
+
+  def excepthook(kind, value, traceback):
+    try:
+      previous_hook(kind, value, traceback)
+    finally:
+      leave(130 if issubclass(kind, KeyboardInterrupt) else 1, f"the uncaught {kind.__name__} above")
+
+  def exit(status=None):  # pylint: disable=redefined-builtin
+    raise _ProgramExit(status)
+
+  exiting = threading.Event()
+
+  def explain_the_wait():
+    exiting.wait()
+    time.sleep(_SLOW_SHUTDOWN_NOTICE)
+    print(f"process {process_id} of {num_processes}: exiting, but waiting at JAX's shutdown barrier for the other "
+          f"processes (at most {shutdown} s; a peer blocked in a collective with this one never arrives)",
+          file=sys.stderr, flush=True)
+
+  def at_exit():  # registered after JAX's own exit handler, so it runs before the barrier
+    status = _status_of(_ENDING_STATUS[-1]) if _ENDING_STATUS else 0
+    if status:
+      leave(status, "sys.exit")
+    exiting.set()
+
+  sys.excepthook = excepthook
+  sys.exit = exit
+  # Started now: a thread cannot be started once the interpreter is exiting.
+  threading.Thread(target=explain_the_wait, daemon=True).start()
+  atexit.register(at_exit)
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -144,7 +316,13 @@ def _rendezvous_host(host, port, num_processes, deadline, timeout) -> None:
   arrived: dict[int, socket.socket] = {}
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, port))
+    try:
+      server.bind((host, port))
+    except OSError as e:
+      raise RuntimeError(
+        f"process 0 of {num_processes}: cannot open the rendezvous at {host}:{port}: {e.strerror or e} "
+        "(is another program using the port?)"
+      ) from None
     server.listen(num_processes)
     try:
       while len(arrived) < num_processes - 1:
@@ -160,7 +338,7 @@ def _rendezvous_host(host, port, num_processes, deadline, timeout) -> None:
           conn, _ = server.accept()
           conn.settimeout(max(0.1, deadline - time.monotonic()))
           peer = int(conn.makefile("r").readline().strip() or -1)
-        except (socket.timeout, OSError, ValueError):
+        except (OSError, ValueError):  # socket.timeout is an OSError
           continue
         if 0 < peer < num_processes:
           arrived[peer] = conn
@@ -190,7 +368,7 @@ def _rendezvous_join(host, port, num_processes, process_id, deadline, timeout) -
     try:
       conn.sendall(f"{process_id}\n".encode())
       reply = conn.makefile("r").readline().strip()
-    except (socket.timeout, OSError):
+    except OSError:  # socket.timeout among them
       reply = ""
   if reply != "go":
     raise RuntimeError(
@@ -211,16 +389,41 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+  """Raises unless a TCP server could listen on `host:port` now (as the coordinator will).
+
+  Args:
+    port: the TCP port.
+    host: the address to bind; only loopback addresses are used.
+
+  Raises:
+    ValueError: naming the address, when it is taken (or cannot be bound at all).
+  """
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: ignore TIME_WAIT leftovers
+    try:
+      s.bind((host, port))
+      s.listen(1)
+    except OSError as e:
+      raise ValueError(
+        f"port {port}: {host}:{port} is already in use or cannot be bound ({e.strerror or e}); expected a free "
+        "port (omit --port to pick one)"
+      ) from None
+
+
 # The folder that holds the experiments package (it is not installed with bnjax).
 _REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _child_env(base, *, port, rendezvous_port, num_processes, process_id, devices_per_process, init_timeout):
+def _child_env(base, *, port, rendezvous_port, num_processes, process_id, devices_per_process, init_timeout,
+               heartbeat_timeout=_HEARTBEAT_TIMEOUT, shutdown_timeout=_SHUTDOWN_TIMEOUT):
   env = dict(base)
   env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
   env[ENV_NUM_PROCESSES] = str(num_processes)
   env[ENV_PROCESS_ID] = str(process_id)
   env[ENV_INIT_TIMEOUT] = str(init_timeout)
+  env[ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
+  env[ENV_SHUTDOWN_TIMEOUT] = str(shutdown_timeout)
   env[ENV_RENDEZVOUS] = f"127.0.0.1:{rendezvous_port}"
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"
@@ -233,37 +436,148 @@ def _child_env(base, *, port, rendezvous_port, num_processes, process_id, device
   return env
 
 
-def _forward(stream, prefix: str, out, lock: threading.Lock) -> None:
-  for line in iter(stream.readline, b""):
+class _Child:
+  """One started process: its id, the `Popen`, the last lines it printed and the threads that watch it."""
+
+  def __init__(self, index: int, proc: subprocess.Popen):
+    self.index = index
+    self.proc = proc
+    self.tail: collections.deque = collections.deque(maxlen=_TAIL_LINES)
+    self.forwarder: threading.Thread | None = None
+
+
+def _start(index: int, command: Sequence[str], env) -> _Child:
+  # A session (and process group) of its own: stopping a child also stops whatever it started.
+  proc = subprocess.Popen(
+    list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+  )
+  return _Child(index, proc)
+
+
+def _watch(child: _Child, exits: queue.Queue, out, lock: threading.Lock) -> None:
+  """Starts the threads that forward `child`'s output and put `(index, returncode)` on `exits` at its end."""
+  child.forwarder = threading.Thread(target=_forward, args=(child, out, lock), daemon=True)
+  child.forwarder.start()
+  threading.Thread(target=_reap, args=(child, exits), daemon=True).start()
+
+
+def _forward(child: _Child, out, lock: threading.Lock) -> None:
+  for line in iter(child.proc.stdout.readline, b""):
     text = line.decode("utf-8", errors="replace").rstrip("\n")
+    if not _STACK_ADDRESS.match(text):  # a native stack's addresses would crowd out the message
+      child.tail.append(text)
     with lock:
-      out.write(f"{prefix} {text}\n")
+      out.write(f"[{child.index}] {text}\n")
       out.flush()
-  stream.close()
+  child.proc.stdout.close()
 
 
-def _stop(procs: Sequence[subprocess.Popen]) -> None:
-  """SIGTERM to each live child's process group, then SIGKILL after a grace period."""
-  live = [p for p in procs if p.poll() is None]
-  for p in live:
-    try:
-      os.killpg(p.pid, signal.SIGTERM)
-    except ProcessLookupError:
-      pass
+def _reap(child: _Child, exits: queue.Queue) -> None:
+  exits.put((child.index, child.proc.wait()))
+
+
+def _signal_group(pid: int, signum: int) -> None:
+  try:
+    os.killpg(pid, signum)
+  except (ProcessLookupError, PermissionError):
+    pass  # the group is gone (a PermissionError: on some systems, for a group of zombies only)
+
+
+def _stop(children: Sequence[_Child]) -> None:
+  """SIGTERM to every child's process group, then SIGKILL to those left after a grace period.
+
+  A child that has exited may have left processes of its own in its group: they are stopped too.
+  """
+  for child in children:
+    _signal_group(child.proc.pid, signal.SIGTERM)
   deadline = time.monotonic() + _GRACE_SECONDS
-  for p in live:
+  for child in children:
     try:
-      p.wait(max(0.0, deadline - time.monotonic()))
+      child.proc.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-      try:
-        os.killpg(p.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-      p.wait()
+      pass
+  for child in children:
+    _signal_group(child.proc.pid, signal.SIGKILL)
+    child.proc.wait()
 
 
 def _exit_status(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode  # killed by signal s: 128 + s, as shells do
+
+
+def _how_it_ended(returncode: int) -> str:
+  if returncode >= 0:
+    return f"exit code {returncode}"
+  try:
+    name = signal.Signals(-returncode).name
+  except ValueError:
+    name = f"signal {-returncode}"
+  return f"killed by {name} (signal {-returncode})"
+
+
+def _failure_report(child: _Child, returncode: int, log) -> None:
+  """Names the failed process, how it ended, and repeats the last lines of its output."""
+  if child.forwarder is not None:
+    child.forwarder.join(timeout=2.0)  # the pipe's last lines, unless a descendant still holds it open
+  lines = list(child.tail)
+  log(f"process {child.index} (pid {child.proc.pid}) failed: {_how_it_ended(returncode)}; "
+      + (f"the last {len(lines)} line(s) of its output:" if lines else "it printed nothing"))
+  for line in lines:
+    log(f"  [{child.index}] {line}")
+
+
+class _Stopped(BaseException):
+  """Raised in the launcher's main thread by a stop signal (SIGTERM, SIGINT, SIGHUP)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+class _StopSignals:
+  """In the main thread, turns the first SIGTERM, SIGINT or SIGHUP into `_Stopped`; later ones are ignored.
+
+  While `held()`, the signal is noted and raised when the block ends, so that a child being started is
+  always recorded (and so stopped). Elsewhere than the main thread no handler can be set: nothing changes.
+  """
+
+  def __init__(self):
+    self.received: int | None = None
+    self.holding = False
+    self.ignoring = False
+    self.previous: dict = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for name in _STOP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+          self.previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is None and not self.ignoring:  # nothing may interrupt the stopping of the children
+      self.received = signum
+      if not self.holding:
+        raise _Stopped(signum)
+
+  def ignore(self) -> None:
+    self.ignoring = True
+
+  @contextlib.contextmanager
+  def held(self):
+    self.holding = True
+    try:
+      yield
+    finally:
+      self.holding = False
+    if self.received is not None:
+      raise _Stopped(self.received)
 
 
 def launch(
@@ -274,6 +588,8 @@ def launch(
   port: int | None = None,
   timeout: int = 60,
   max_time: float | None = None,
+  heartbeat_timeout: int = _HEARTBEAT_TIMEOUT,
+  shutdown_timeout: int = _SHUTDOWN_TIMEOUT,
   env=None,
   out=None,
 ) -> int:
@@ -287,24 +603,32 @@ def launch(
     port: the coordinator's port on 127.0.0.1; None picks a free one.
     timeout: seconds each process waits in `initialize` for all processes to join.
     max_time: seconds the whole run may take; None for no limit.
+    heartbeat_timeout: seconds after which JAX declares a silent process dead (the others then exit).
+    shutdown_timeout: seconds an exiting process waits at JAX's shutdown barrier for the others.
     env: the children's base environment (default: this process's).
     out: where the prefixed output goes (default: sys.stdout).
 
   Returns:
     0 when every process exits with 0; otherwise the first failing process's status (a signal `s` as
-    `128 + s`), or 124 when `max_time` ran out.
+    `128 + s`), 124 when `max_time` ran out, or `128 + s` when the launcher got signal `s`.
+
+  Raises:
+    ValueError: for an argument out of range, or a `port` already in use.
   """
   if not command:
     raise ValueError("command must name a program to run, got an empty command")
-  for name, value, minimum in (("processes", processes, 1), ("timeout", timeout, 1)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  for name, value in (("processes", processes), ("timeout", timeout), ("heartbeat_timeout", heartbeat_timeout),
+                      ("shutdown_timeout", shutdown_timeout)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {value!r}")
   if devices_per_process is not None and (not isinstance(devices_per_process, int) or devices_per_process < 1):
     raise ValueError(f"devices_per_process must be an int >= 1 or None, got {devices_per_process!r}")
   if port is not None and not (isinstance(port, int) and 0 < port < 65536):
     raise ValueError(f"port must be an int in [1, 65535] or None, got {port!r}")
   if max_time is not None and not max_time > 0:
     raise ValueError(f"max_time must be a positive number of seconds or None, got {max_time!r}")
+  if port is not None:
+    check_port_free(port)
   out = sys.stdout if out is None else out
   port = free_port() if port is None else port
   rendezvous_port = free_port()
@@ -318,55 +642,60 @@ def launch(
       out.write(f"[launch] {message}\n")
       out.flush()
 
-  procs, threads = [], []
+  children: list[_Child] = []
+  exits: queue.Queue = queue.Queue()
   try:
-    for pid in range(processes):
-      child_env = _child_env(
-        base,
-        port=port,
-        rendezvous_port=rendezvous_port,
-        num_processes=processes,
-        process_id=pid,
-        devices_per_process=devices_per_process,
-        init_timeout=timeout,
-      )
-      # A session of its own, so that stopping a child also stops whatever it started.
-      proc = subprocess.Popen(
-        list(command), env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-      )
-      procs.append(proc)
-      thread = threading.Thread(target=_forward, args=(proc.stdout, f"[{pid}]", out, lock), daemon=True)
-      thread.start()
-      threads.append(thread)
-    status = _wait(procs, max_time, log)
-  except KeyboardInterrupt:
-    log("interrupted; stopping every process")
-    status = 130
-  except OSError as e:  # e.g. the program does not exist
-    log(f"could not start {command[0]!r}: {e}")
-    status = 127
-  finally:
-    _stop(procs)
-    for thread in threads:
-      thread.join(timeout=_GRACE_SECONDS)
+    with _StopSignals() as stop_signals:
+      try:
+        for index in range(processes):
+          child_env = _child_env(
+            base, port=port, rendezvous_port=rendezvous_port, num_processes=processes, process_id=index,
+            devices_per_process=devices_per_process, init_timeout=timeout, heartbeat_timeout=heartbeat_timeout,
+            shutdown_timeout=shutdown_timeout,
+          )
+          with stop_signals.held():
+            children.append(_start(index, command, child_env))
+          _watch(children[-1], exits, out, lock)
+        status = _wait(children, exits, max_time, log)
+      except _Stopped as e:
+        log(f"got {signal.Signals(e.signum).name}; stopping every process")
+        status = 128 + e.signum
+      except KeyboardInterrupt:  # SIGINT where no handler could be set (not the main thread)
+        log("interrupted; stopping every process")
+        status = 130
+      except OSError as e:  # e.g. the program does not exist
+        log(f"could not start {command[0]!r}: {e}")
+        status = 127
+      finally:
+        stop_signals.ignore()
+        _stop(children)
+        for child in children:
+          if child.forwarder is not None:
+            child.forwarder.join(timeout=_GRACE_SECONDS)
+  except _Stopped as e:  # the first signal came while a failure was being handled; the children are stopped
+    status = 128 + e.signum
   return status
 
 
-def _wait(procs: Sequence[subprocess.Popen], max_time: float | None, log) -> int:
+def _wait(children: Sequence[_Child], exits: queue.Queue, max_time: float | None, log) -> int:
+  """Waits for every child to exit 0 (returns 0), or for the first failure or `max_time` (returns non-zero)."""
   deadline = None if max_time is None else time.monotonic() + max_time
-  while True:
-    codes = [p.poll() for p in procs]
-    for pid, code in enumerate(codes):
-      if code not in (None, 0):
-        others = sum(c is None for c in codes)
-        log(f"process {pid} exited with status {_exit_status(code)}; stopping the {others} still running")
-        return _exit_status(code)
-    if all(c == 0 for c in codes):
-      return 0
-    if deadline is not None and time.monotonic() > deadline:
-      log(f"the run exceeded --max-time {max_time:g} s; stopping every process")
-      return _TIMEOUT_EXIT_STATUS
-    time.sleep(0.05)
+  remaining = len(children)
+  while remaining:
+    try:
+      # Short waits: a stop signal is handled between them.
+      index, code = exits.get(timeout=0.1)
+    except queue.Empty:
+      if deadline is not None and time.monotonic() > deadline:
+        log(f"the run exceeded --max-time {max_time:g} s; stopping every process")
+        return _TIMEOUT_EXIT_STATUS
+      continue
+    remaining -= 1
+    if code != 0:
+      log(f"process {index} exited with status {_exit_status(code)}; stopping the {remaining} still running")
+      _failure_report(children[index], code, log)
+      return _exit_status(code)
+  return 0
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -382,6 +711,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     "--timeout", type=int, default=60, help="seconds a process waits for its peers in initialize() (default 60)"
   )
   parser.add_argument("--max-time", type=float, default=None, help="seconds the whole run may take (default: none)")
+  parser.add_argument(
+    "--heartbeat-timeout", type=int, default=_HEARTBEAT_TIMEOUT,
+    help=f"seconds after which a silent process is declared dead (default {_HEARTBEAT_TIMEOUT})",
+  )
+  parser.add_argument(
+    "--shutdown-timeout", type=int, default=_SHUTDOWN_TIMEOUT,
+    help=f"seconds an exiting process waits for the others at the shutdown barrier (default {_SHUTDOWN_TIMEOUT})",
+  )
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- followed by the command to run")
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -401,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       port=args.port,
       timeout=args.timeout,
       max_time=args.max_time,
+      heartbeat_timeout=args.heartbeat_timeout,
+      shutdown_timeout=args.shutdown_timeout,
     )
   except ValueError as e:
     print(f"python -m experiments.launch: error: {e}", file=sys.stderr)
