@@ -1,6 +1,7 @@
 """Inference: fold_conv, whole-model folding (linen and nnx), export, and fine-tuning with frozen statistics."""
 
 import functools
+import json
 import subprocess
 import sys
 import textwrap
@@ -505,3 +506,16 @@ def test_nnx_frozen_batch_norm_with_a_filter():
   before, after = _nnx_fine_tune(nnx.All(nnx.Param, nnx.Not(nnx.PathContains("bn"))))
   jax.tree.map(np.testing.assert_array_equal, after["bn"], before["bn"])
   assert not np.allclose(after["linear"]["kernel"][...], before["linear"]["kernel"][...])
+
+
+def test_fold_benchmark_quick_runs_and_checks_the_outputs(tmp_path, capsys):
+  from benchmarks import fold
+
+  assert fold.main(["--quick", "--rounds", "1", "--out", str(tmp_path)]) == 0
+  payload = json.loads((tmp_path / "results.json").read_text())
+  assert payload["all_checks_passed"] and [row["model"] for row in payload["rows"]] == [
+    "MLP pre",
+    "MLP post",
+    "ConvNet",
+  ]
+  assert "speed-up (median ratio)" in capsys.readouterr().out
