@@ -8,6 +8,7 @@ neighbouring Dense or convolution, and `export_inference` serializes the result 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -450,12 +451,10 @@ def _fold_before(norm, layer, where: str) -> None:
 
 def _fold_sequential(seq: nnx.Sequential, where: str) -> None:
   layers = list(seq.layers)
-  uses = {}
-  for f in layers:
-    uses[id(f)] = uses.get(id(f), 0) + 1
+  uses = collections.Counter(id(f) for f in layers)
 
-  def foldable(f, i: int) -> bool:
-    if uses[id(f)] > 1:
+  def used_once(i: int) -> bool:
+    if uses[id(layers[i])] > 1:
       raise ValueError(f"{where}.layers[{i}] is used more than once in the Sequential; a fold would change each use.")
     return True
 
@@ -469,9 +468,9 @@ def _fold_sequential(seq: nnx.Sequential, where: str) -> None:
       continue
     previous = layers[i - 1] if i > 0 else None
     following = layers[i + 1] if i + 1 < len(layers) else None
-    if isinstance(previous, _NNX_LAYERS) and foldable(previous, i - 1):
+    if isinstance(previous, _NNX_LAYERS) and used_once(i - 1):
       _fold_after(previous, f, name)
-    elif following is not None and not isinstance(following, _NNX_NORMS) and foldable(following, i + 1):
+    elif following is not None and not isinstance(following, _NNX_NORMS) and used_once(i + 1):
       _fold_before(f, following, name)
     else:
       around = ", ".join(type(g).__name__ if g is not None else "nothing" for g in (previous, following))
@@ -607,13 +606,15 @@ def export_inference(model: MLP | ConvNet, variables, example_x, *, symbolic_bat
 
   Returns:
     A `jax.export.Exported`.
+
+  Raises:
+    TypeError: a model `fold_batch_norm` does not know (with `fold=True`), or a non-bool option.
+    ValueError: an `example_x` without a batch axis, or variables that do not fit the model.
   """
   checks.check_bool(symbolic_batch, "symbolic_batch")
   checks.check_bool(fold, "fold")
-  shape, dtype = (
-    tuple(np.shape(example_x)),
-    jnp.result_type(example_x.dtype if hasattr(example_x, "dtype") else example_x),
-  )
+  shape = tuple(np.shape(example_x))
+  dtype = example_x.dtype if hasattr(example_x, "dtype") else jnp.result_type(example_x)
   if not shape:
     raise ValueError(f"`example_x` must have a batch axis, got a scalar of shape {shape}.")
   if fold:
