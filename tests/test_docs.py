@@ -12,6 +12,7 @@ Blocks in other languages (```bash, ```text) are not run here: README.md's test 
 and tests/test_launch.py runs the multi-process launch command of docs/guides/training.md.
 """
 
+import ast
 import os
 import pathlib
 import re
@@ -97,3 +98,15 @@ def test_marked_blocks_are_listed():
     pytest.skip(
       "blocks not run: " + "; ".join(f"{page}:{line} {kind}: {reason}" for page, line, kind, reason in MARKED)
     )
+
+
+def test_the_bad_input_catalogue_names_existing_tests():
+  """Each row of docs/guides/errors.md names a test (`tests/file.py::name`) that exists."""
+  text = (DOCS / "guides" / "errors.md").read_text()
+  rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+  named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+  assert len(named) == len(rows), "every row of the catalogue names one test"
+  for path, name in named:
+    tree = ast.parse((ROOT / path).read_text())
+    functions = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert name in functions, f"docs/guides/errors.md names {path}::{name}, which does not exist"
