@@ -6,7 +6,10 @@ of the wrong type with a message that lists the valid keys.
 """
 import ast
 import importlib
-from typing import Any, Iterable, Sequence
+import math
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -132,10 +135,51 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
   return overridden
 
 
+def non_finite_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """The dotted keys whose value, or an element of it, is a NaN or infinite float."""
+  bad = []
+  for key in leaf_keys(config):
+    value = config_value(config, key)
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+      bad.append(key)
+  return bad
+
+
+def check_learning_rates(config: ml_collections.ConfigDict) -> None:
+  """Refuses a learning rate (``learning_rate``, each of ``learning_rates``) that is not finite and > 0."""
+  for key in ("learning_rate", "learning_rates"):
+    if key not in config:
+      continue
+    value = config[key]
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+           for v in values):
+      expected = "finite positive numbers" if key == "learning_rates" else "a finite positive number"
+      raise ConfigError(f"config.{key}: got {value!r}, expected {expected}")
+
+
 def validate(name: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses bad values before anything compiles, naming the key (the config module's ``validate``)."""
+  """Refuses bad values before anything compiles, naming the key (the config module's ``validate``).
+
+  Every float must be finite (a NaN or infinite value, e.g. ``--config.learning_rate=nan``, is refused
+  here), and learning rates must be positive.
+  """
   module = config_module(name)
+  bad = non_finite_keys(config)
+  if bad:
+    raise ConfigError(f"config.{bad[0]}: got {config_value(config, bad[0])!r}, expected a finite number"
+                      + (f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""))
+  check_learning_rates(config)
   configs.check_training(config)
   extra = getattr(module, "validate", None)
   if extra is not None:
     extra(config)
+
+
+def config_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value at dotted ``key`` of ``config``."""
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
