@@ -1,6 +1,7 @@
 """``python -m experiments <name>|list|all|report [--quick] [--workdir DIR] [--resume] [--config.k=v ...]``."""
 import argparse
 import sys
+import warnings
 
 from experiments import config_parsing
 
@@ -24,6 +25,29 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _plain_warnings(fallback):
+  """A `warnings.showwarning` printing the project's own warnings (a checkpoint skipped, a stale lock taken
+  over) as one plain line, and passing the others to ``fallback``."""
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if category.__module__.startswith("experiments"):
+      print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+      fallback(message, category, filename, lineno, file, line)
+
+  return show
+
+
+def _refusal(error: BaseException):
+  """The exit code for an error the operator can act on (printed without a traceback), or None."""
+  from experiments import runner  # pylint: disable=g-import-not-at-top
+  checkpoint = sys.modules.get("experiments.checkpoint")  # Loaded only once jax may be imported.
+  if isinstance(error, config_parsing.ConfigError) or str(error).startswith(("config.", "--config", "--")):
+    return 2
+  kinds = (runner.RunError, OSError) + ((checkpoint.CheckpointError,) if checkpoint is not None else ())
+  return 1 if isinstance(error, kinds) else None
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args, rest = _parser().parse_known_args(argv)
@@ -31,6 +55,8 @@ def main(argv=None) -> int:
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown:
     _parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+  previous = warnings.showwarning
+  warnings.showwarning = _plain_warnings(previous)
   try:
     if args.verb == "list":
       from experiments import report  # pylint: disable=g-import-not-at-top
@@ -45,13 +71,16 @@ def main(argv=None) -> int:
     names = config_parsing.EXPERIMENTS if args.verb == "all" else (config_parsing.check_name(args.verb),)
     for name in names:
       runner.run_experiment(name, quick=args.quick, workdir=args.workdir,
-                                      resume=args.resume, overrides=overrides, quiet=args.quiet)
+                            resume=args.resume, overrides=overrides, quiet=args.quiet)
     return 0
-  except (ValueError, TypeError) as e:  # A refused config or argument: say which, no traceback.
-    if isinstance(e, config_parsing.ConfigError) or str(e).startswith(("config.", "--config", "--")):
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    raise
+  except Exception as e:  # A refused config or argument, or a run that cannot go on: say which, no traceback.
+    code = _refusal(e)
+    if code is None:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return code
+  finally:
+    warnings.showwarning = previous
 
 
 if __name__ == "__main__":
