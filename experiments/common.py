@@ -7,10 +7,13 @@ it, and `jax.lax.scan` runs `eval_every` steps per compiled call. Seeds (and, th
 ``i`` is `experiments.data.batch_at(train, batch_size, step, seed=seeds[i])`, the same order the single-run
 `train` experiment uses, and the same seed gives the same order in every arm (paired comparisons).
 """
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ ACTIVATIONS = {"relu": linen.relu, "sigmoid": linen.sigmoid, "tanh": jnp.tanh}
 # Data, models, optimizers.
 
 
-def load_data(config, *, dataset: Optional[str] = None, standardize: Optional[bool] = None):
+def load_data(config, *, dataset: str | None = None, standardize: bool | None = None):
   """The config's dataset (split with ``config.seed``), optionally another one or standardized."""
   return data_lib.load_dataset(
       dataset or config.dataset, data_dir=config.data_dir or None, seed=config.seed,
@@ -44,8 +47,8 @@ def kernel_init(init_stddev: float):
   return linen.linear.default_kernel_init
 
 
-def make_mlp(config, num_classes: int, *, norm: Optional[str] = None, activation: Optional[str] = None,
-             hidden: Optional[Sequence[int]] = None, **kwargs) -> models.MLP:
+def make_mlp(config, num_classes: int, *, norm: str | None = None, activation: str | None = None,
+             hidden: Sequence[int] | None = None, **kwargs) -> models.MLP:
   """The config's MLP; ``norm`` is ``"none"``, ``"pre"`` or ``"post"`` (default: ``config.norm``)."""
   norm = config.norm if norm is None else norm
   return models.MLP(
@@ -111,7 +114,7 @@ def make_eval_fn(model) -> Callable:
   return eval_fn
 
 
-def preactivations(model, state, x, *, train: bool = False) -> Dict[int, jax.Array]:
+def preactivations(model, state, x, *, train: bool = False) -> dict[int, jax.Array]:
   """The inputs of each hidden activation (the MLP's sown ``preact_i``), keyed by layer index."""
   mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
   _, updates = model.apply(variables(state), x, train=train, mutable=mutable)
@@ -125,9 +128,14 @@ def preactivations(model, state, x, *, train: bool = False) -> Dict[int, jax.Arr
 
 @dataclasses.dataclass
 class History:
-  """What the engine recorded at each evaluation: ``values[key]`` has shape ``(num_evals, M, ...)``."""
+  """What the engine recorded at each evaluation: ``values[key]`` has shape ``(num_evals, M, ...)``.
+
+  ``diverged_at[i]`` is the step at which model ``i``'s training loss (or its state) became non-finite,
+  None if it never did.
+  """
   steps: np.ndarray
-  values: Dict[str, np.ndarray]
+  values: dict[str, np.ndarray]
+  diverged_at: list = dataclasses.field(default_factory=list)
 
   def final(self, key: str) -> np.ndarray:
     return self.values[key][-1]
@@ -146,10 +154,80 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, start: int, num_steps:
 
 
 def _boundaries(num_steps: int, eval_every: int, checkpoint_every: int) -> list:
-  points = set(range(eval_every, num_steps + 1, eval_every)) | {num_steps}
+  points = set(record_steps(num_steps, eval_every))
   if checkpoint_every:
     points |= set(range(checkpoint_every, num_steps + 1, checkpoint_every))
-  return sorted(points)
+  return sorted(points - {0})
+
+
+def record_steps(num_steps: int, eval_every: int) -> list:
+  """The steps with a metrics row: 0, every ``eval_every``-th step and ``num_steps``."""
+  return sorted({0, num_steps, *range(eval_every, num_steps + 1, eval_every)})
+
+
+def covered_through(logged, schedule: Sequence[int]) -> int:
+  """The last step up to which every step of ``schedule`` is in ``logged`` (-1: not even step 0).
+
+  Args:
+    logged: the steps that have a metrics row.
+    schedule: the steps that should have one, ascending (`record_steps`).
+
+  Returns:
+    The step before the first missing one, or the last of ``schedule`` when none is missing.
+  """
+  logged = set(logged)
+  for step in schedule:
+    if step not in logged:
+      return step - 1
+  return schedule[-1] if schedule else -1
+
+
+def resume_state(run, ckpt_dir, target, *, label: str, rows: Sequence[dict], schedule: Sequence[int]):
+  """On ``--resume``: the newest intact checkpoint of ``ckpt_dir`` that the metrics ``rows`` cover.
+
+  Newer checkpoints (corrupt, unsealed, or past the metrics) are moved aside by
+  `experiments.checkpoint.resume`; each is named in a note, and so is the step the run continues from.
+
+  Args:
+    run: the `experiments.runner.Run`.
+    ckpt_dir: the checkpoint folder.
+    target: a state of the saved structure (returned as it is when nothing is restored).
+    label: the arm named in the notes ("" for a single run).
+    rows: this arm's metrics rows so far.
+    schedule: the steps that have a metrics row (`record_steps`).
+
+  Returns:
+    ``(state, step, extra)``; ``(target, 0, {})`` when no checkpoint can be continued from.
+  """
+  from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  prefix = f"{label}: " if label else ""
+  covered = covered_through({r.get("step") for r in rows}, schedule)
+  found = checkpoint_lib.resume(ckpt_dir, target, max_step=covered)
+  for step, reason in found.skipped:
+    if step > covered:
+      reason = f"metrics.jsonl has rows only up to step {covered}" if covered >= 0 else "metrics.jsonl has no rows"
+    run.note(f"{prefix}skipped checkpoint step {step}: {reason}; moved it aside")
+  if found.step is None:
+    run.note(f"{prefix}no checkpoint to continue from; starting from step 0")
+    return target, 0, {}
+  run.note(f"{prefix}resuming from checkpoint step {found.step}")
+  return found.state, found.step, found.extra
+
+
+def all_finite(tree) -> bool:
+  """Whether every float leaf of ``tree`` is finite (one host transfer of a bool per leaf)."""
+  return all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(leaf.dtype, jnp.inexact))
+
+
+def finite_models(states) -> jax.Array:
+  """Per stacked model (leading axis): whether every float leaf of its params, batch_stats and optimizer
+  state is finite; shape ``(M,)``."""
+  leaves = [leaf for leaf in jax.tree.leaves((states.params, states.batch_stats, states.opt_state))
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  num_models = jax.tree.leaves(states.params)[0].shape[0]
+  return functools.reduce(jnp.logical_and, [jnp.isfinite(leaf).reshape(num_models, -1).all(1) for leaf in leaves],
+                          jnp.ones(num_models, bool))
 
 
 def init_states(model, tx, sample_x, seeds: Sequence[int], learning_rates=None):
@@ -165,7 +243,7 @@ def init_states(model, tx, sample_x, seeds: Sequence[int], learning_rates=None):
 
 def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num_steps: int,
                  batch_size: int, eval_every: int, checkpoint_every: int = 0, learning_rates=None,
-                 probe: Optional[Callable] = None, eval_splits=("val", "test"),
+                 probe: Callable | None = None, eval_splits=("val", "test"),
                  num_devices: int = 1):
   """Trains ``len(seeds)`` models of ``model`` at once; returns ``(final stacked state, History)``.
 
@@ -182,8 +260,13 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
 
   At step 0 and every ``eval_every`` steps it records ``{split}_loss`` and ``{split}_accuracy`` per
   model, ``train_loss`` (the mean over the steps since the last record) and the probe's outputs. With
-  ``checkpoint_every > 0`` the stacked state is saved under ``<run>/checkpoints/<arm>``, and a resumed
-  run restarts from the latest one.
+  ``checkpoint_every > 0`` the stacked state is saved under ``<run>/checkpoints/<arm>`` (whose writer lock
+  it holds throughout), and a resumed run restarts from the newest intact checkpoint its metrics cover.
+
+  Divergence: a model whose training loss (or state) becomes non-finite is recorded as diverged at that
+  step (``History.diverged_at``, the rows' ``diverged_at``, ``run.record_divergence``) and the others carry
+  on. Once every model has diverged the arm stops: no further steps, no further checkpoints (the last good
+  one stays), and its remaining rows repeat the last evaluation with a NaN training loss.
   """
   seeds = [int(s) for s in seeds]
   num_models = len(seeds)
@@ -209,7 +292,9 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
       states, metrics = jax.vmap(step_fn)(states, (x[rows_t], y[rows_t]))
       return states, metrics["loss"]
     states, losses = jax.lax.scan(body, states, rows)
-    return states, losses.mean(0)
+    bad = ~jnp.isfinite(losses)
+    first_bad = jnp.where(bad.any(0), jnp.argmax(bad, 0), -1)  # Per model: the chunk's first non-finite step.
+    return states, losses.mean(0), first_bad, finite_models(states)
 
   def evaluate(states, split_arrays):
     out = {}
@@ -224,55 +309,93 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
   evaluate = jax.jit(evaluate)
 
   ckpt_dir = run.path("checkpoints") / arm if checkpoint_every else None
-  if ckpt_dir is not None:
-    from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  start, records = 0, []
-  if run.resume and ckpt_dir is not None and ckpt_dir.exists():
-    step = checkpoint_lib.latest_step(ckpt_dir)
-    if step is not None:
-      states, _ = checkpoint_lib.restore(ckpt_dir, states, step=step)
-      start = int(step)
+  schedule = record_steps(num_steps, eval_every)
+  from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  with checkpoint_lib.writer(ckpt_dir) if ckpt_dir is not None else contextlib.nullcontext():
+    start, extra = 0, {}
+    if run.resume and ckpt_dir is not None:
+      rows = [r for r in run.read_metrics() if r.get("arm") == arm]
+      states, start, extra = resume_state(run, ckpt_dir, states, label=arm, rows=rows, schedule=schedule)
+    elif run.resume:
+      run.note(f"{arm}: no checkpoints (checkpoint_every=0); starting from step 0")
+    diverged_at = list(extra.get("diverged_at") or [None] * num_models)
+    if start:
       records = [r for r in run.read_metrics() if r.get("arm") == arm and r["step"] <= start]
-      run.rewrite_metrics(lambda r, start=start: r.get("arm") != arm or r["step"] <= start)
-  if start == 0:
-    run.rewrite_metrics(lambda r: r.get("arm") != arm)
-    records = [_record(run, arm, 0, jax.device_get(evaluate(states, splits)), None)]
+      run.rewrite_metrics(lambda r: r.get("arm") != arm or r["step"] <= start)
+    else:
+      run.rewrite_metrics(lambda r: r.get("arm") != arm)
+      records = [_record(run, arm, 0, jax.device_get(evaluate(states, splits)), None, diverged_at)]
 
-  with run.progress(num_steps, desc=arm) as bar:
-    bar.update(start)
-    last = start
-    for end in (b for b in _boundaries(num_steps, eval_every, checkpoint_every) if b > start):
-      rows = np.stack([batch_rows(len(train.y), batch_size, s, last, end - last) for s in seeds], axis=1)
-      states, train_loss = run_chunk(states, train_x, train_y, jnp.asarray(rows))
-      if end % eval_every == 0 or end == num_steps:
-        records.append(_record(run, arm, end, jax.device_get(evaluate(states, splits)),
-                               jax.device_get(train_loss)))
-      if ckpt_dir is not None and (end % checkpoint_every == 0 or end == num_steps):
-        checkpoint_lib.save(ckpt_dir, jax.device_get(states), step=end, keep=2)
-      bar.update(end - last)
-      last = end
-  return states, _history(records)
+    def describe(members):
+      rates = "" if learning_rates is None else sorted({float(learning_rates[i]) for i in members})
+      lrs = f", learning rate(s) {rates}" if rates else ""
+      return f"model(s) {members} (seed(s) {sorted({seeds[i] for i in members})}{lrs})"
+
+    with run.progress(num_steps, desc=arm) as bar:
+      bar.update(start)
+      last = start
+      for end in (b for b in _boundaries(num_steps, eval_every, checkpoint_every) if b > start):
+        rows = np.stack([batch_rows(len(train.y), batch_size, s, last, end - last) for s in seeds], axis=1)
+        states, train_loss, first_bad, finite = run_chunk(states, train_x, train_y, jnp.asarray(rows))
+        new = _newly_diverged(diverged_at, jax.device_get(first_bad), jax.device_get(finite), last, end)
+        if new:
+          run.note(f"{arm}: {describe(new)} diverged at step {min(diverged_at[i] for i in new)}"
+                   + ("; the others carry on" if None in diverged_at else ""))
+        if None not in diverged_at:
+          values = jax.device_get(evaluate(states, splits))
+          nan_loss = np.full(num_models, np.nan, np.float32)
+          for step in (s for s in schedule if s >= end):
+            records.append(_record(run, arm, step, values, jax.device_get(train_loss) if step == end else nan_loss,
+                                   diverged_at))
+          kept = checkpoint_lib.latest_step(ckpt_dir) if ckpt_dir is not None else None
+          run.note(f"{arm}: every model diverged; stopped at step {end}"
+                   + (f", last good checkpoint: step {kept}" if kept is not None else ""))
+          bar.update(num_steps - last)
+          break
+        if end % eval_every == 0 or end == num_steps:
+          records.append(_record(run, arm, end, jax.device_get(evaluate(states, splits)),
+                                 jax.device_get(train_loss), diverged_at))
+        if ckpt_dir is not None and (end % checkpoint_every == 0 or end == num_steps):
+          checkpoint_lib.save(ckpt_dir, jax.device_get(states), step=end, keep=2,
+                              extra={"diverged_at": diverged_at})
+        bar.update(end - last)
+        last = end
+  gone = [i for i, s in enumerate(diverged_at) if s is not None]
+  run.record_divergence(arm, diverged_at, detail=describe(gone) if gone else "")
+  return states, _history(records, diverged_at)
 
 
-def _record(run, arm, step, values, train_loss):
+def _newly_diverged(diverged_at: list, first_bad, finite, last: int, end: int) -> list:
+  """Marks, in ``diverged_at``, the models that diverged in the chunk ``last+1 .. end``; returns them."""
+  new = []
+  for i, step in enumerate(diverged_at):
+    if step is None and (first_bad[i] >= 0 or not finite[i]):
+      diverged_at[i] = last + int(first_bad[i]) + 1 if first_bad[i] >= 0 else end
+      new.append(i)
+  return new
+
+
+def _record(run, arm, step, values, train_loss, diverged_at=None):
   row = {"arm": arm, "step": int(step)}
   row.update({k: np.asarray(v).tolist() for k, v in values.items()})
   if train_loss is not None:
     row["train_loss"] = np.asarray(train_loss).tolist()
+  if diverged_at is not None and any(s is not None for s in diverged_at):
+    row["diverged_at"] = list(diverged_at)
   run.log(**row)
   return row
 
 
-def _history(records) -> History:
+def _history(records, diverged_at=()) -> History:
   records = sorted(records, key=lambda r: r["step"])
-  keys = [k for k in records[-1] if k not in ("arm", "step")]
+  keys = [k for k in records[-1] if k not in ("arm", "step", "diverged_at")]
   values = {}
   for key in keys:
     rows = [r.get(key) for r in records]
     fill = next(np.asarray(v, np.float64) for v in rows if v is not None)
     values[key] = np.stack([np.asarray(v, np.float64) if v is not None else np.full_like(fill, np.nan)
                             for v in rows])
-  return History(steps=np.asarray([r["step"] for r in records]), values=values)
+  return History(steps=np.asarray([r["step"] for r in records]), values=values, diverged_at=list(diverged_at))
 
 
 # ---------------------------------------------------------------------------------------------------------

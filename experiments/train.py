@@ -4,7 +4,13 @@ The batch at step ``t`` is `experiments.data.batch_at(train, batch_size, t, seed
 the checkpoint of step ``t`` sees exactly the batches the uninterrupted run would have, and ends in the
 same state (the same ``state_digest``). With ``num_devices > 1`` the step is data-parallel
 (`bnjax.training.make_train_step(parallel=...)`), batch statistics synchronised across devices.
+
+A run whose training loss (or state) becomes non-finite stops at the first evaluation or checkpoint step
+after it, records nothing non-finite, saves no further checkpoint (the last good one stays), and its
+summary's verdict says "diverged at step N".
 """
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +19,9 @@ from bnjax import training
 from experiments import common
 from experiments import data as data_lib
 from experiments import report
-from experiments.runner import Result, Table, Verdict
+from experiments.runner import Result
+from experiments.runner import Table
+from experiments.runner import Verdict
 
 TITLE = "one training run of the MLP"
 AXIS_NAME = "batch"
@@ -62,17 +70,7 @@ def run(config, run) -> Result:
 
   ckpt_dir = run.path("checkpoints")
   from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  start = 0
-  if run.resume:
-    latest = checkpoint_lib.latest_step(ckpt_dir) if ckpt_dir.exists() else None
-    if latest is None:
-      raise ValueError(f"--resume: {run.dir} has no checkpoint to continue from; expected "
-                       f"{ckpt_dir} (checkpoint_every={config.checkpoint_every})")
-    state, _ = checkpoint_lib.restore(ckpt_dir, state, step=latest)
-    start = int(latest)
-    run.rewrite_metrics(lambda r: r["step"] <= start)
-  else:
-    run.rewrite_metrics(lambda r: False)
+  schedule = common.record_steps(config.num_steps, config.eval_every)
 
   def record(step, train_metrics):
     row = {"step": step}
@@ -85,29 +83,57 @@ def run(config, run) -> Result:
       row["train_loss"] = float(np.mean([m["loss"] for m in train_metrics]))
       row["train_accuracy"] = float(np.mean([m["accuracy"] for m in train_metrics]))
     run.log(**row)
+    return row
 
-  state = place(state)
-  if start == 0:
-    record(0, [])
-  pending = []
-  batches = data_lib.iterate_batches(train, config.batch_size, seed=config.seed, start_step=start,
-                                    num_steps=config.num_steps - start)
-  with run.progress(config.num_steps, desc="train") as bar:
-    bar.update(start)
-    for step, (x, y) in enumerate(batches, start=start + 1):
-      state, metrics = step_fn(state, shard((jnp.asarray(x), jnp.asarray(y))))
-      pending.append(metrics)
-      if step % config.eval_every == 0 or step == config.num_steps:
-        record(step, jax.device_get(pending))
-        pending = []
-        bar.set_postfix(loss=f"{run.read_metrics()[-1].get('train_loss', float('nan')):.3f}")
-      if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.num_steps):
-        checkpoint_lib.save(ckpt_dir, unplace(state), step=step, keep=3)
-      bar.update(1)
+  diverged_at = None
+  # The writer lock for the whole run: a second process resuming this run is refused before it trains.
+  with checkpoint_lib.writer(ckpt_dir) if config.checkpoint_every else contextlib.nullcontext():
+    start = 0
+    if run.resume and config.checkpoint_every:
+      state, start, _ = common.resume_state(run, ckpt_dir, state, label="", rows=run.read_metrics(),
+                                            schedule=schedule)
+    elif run.resume:
+      run.note("no checkpoints (checkpoint_every=0); starting from step 0")
+    run.rewrite_metrics((lambda r: r["step"] <= start) if start else (lambda r: False))
+
+    state = place(state)
+    if start == 0:
+      record(0, [])
+    pending = []
+    batches = data_lib.iterate_batches(train, config.batch_size, seed=config.seed, start_step=start,
+                                      num_steps=config.num_steps - start)
+    with run.progress(config.num_steps, desc="train") as bar:
+      bar.update(start)
+      for step, (x, y) in enumerate(batches, start=start + 1):
+        state, metrics = step_fn(state, shard((jnp.asarray(x), jnp.asarray(y))))
+        pending.append(metrics)
+        at_eval = step % config.eval_every == 0 or step == config.num_steps
+        at_checkpoint = config.checkpoint_every and (step % config.checkpoint_every == 0 or
+                                                     step == config.num_steps)
+        if at_eval or at_checkpoint:
+          got = jax.device_get(pending)
+          bad = [i for i, m in enumerate(got) if not np.all(np.isfinite(m["loss"]))]
+          if bad or not common.all_finite(unplace(state)):  # Stop here: nothing non-finite is recorded or saved.
+            diverged_at = step - len(got) + 1 + bad[0] if bad else step
+            break
+        if at_eval:
+          row = record(step, got)
+          pending = []
+          bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+        if at_checkpoint:
+          checkpoint_lib.save(ckpt_dir, unplace(state), step=step, keep=3)
+        bar.update(1)
+  if diverged_at is not None:
+    kept = checkpoint_lib.latest_step(ckpt_dir) if config.checkpoint_every else None
+    kept_text = f"last good checkpoint: step {kept}" if kept is not None else "no checkpoint before it"
+    run.note(f"the training loss became non-finite at step {diverged_at}; stopped there ({kept_text})")
+  run.record_divergence("train", [diverged_at], detail=kept_text if diverged_at is not None else "")
 
   rows = run.read_metrics()
   final = rows[-1]
   metrics = {k: final[k] for k in final if k != "step"}
+  if diverged_at is not None:
+    metrics["diverged_at"] = diverged_at
   table = Table(f"{config.dataset}, MLP {tuple(config.hidden)} {config.activation}, norm={config.norm}, "
                 f"{config.optimizer} lr {config.learning_rate:g}, batch {config.batch_size}, "
                 f"{config.num_devices} device(s)",
