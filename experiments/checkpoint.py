@@ -326,9 +326,18 @@ def all_steps(directory: PathLike) -> list[int]:
 
 
 def latest_step(directory: PathLike) -> int | None:
-  """The largest step with a complete checkpoint in `directory`, or None (also when it does not exist)."""
-  steps = all_steps(directory)
-  return steps[-1] if steps else None
+  """The largest step whose checkpoint in `directory` is complete and intact, or None (also when it does not
+  exist); reads the files of each step it checks, and warns (`CheckpointWarning`) about each newer one
+  skipped as corrupt."""
+  path = _directory(directory)
+  for step in reversed(all_steps(path)):
+    try:
+      _check_files(path, step)
+    except CorruptCheckpointError as e:
+      warnings.warn(f"checkpoint step {step} in {path} skipped: {e.reason}", CheckpointWarning, stacklevel=2)
+      continue
+    return step
+  return None
 
 
 def verify(directory: PathLike, step: int | None = None) -> int:

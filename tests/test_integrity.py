@@ -126,6 +126,8 @@ def test_flipped_bytes_are_caught_and_resume_takes_the_previous_good_checkpoint(
     with pytest.warns(checkpoint.CheckpointWarning, match="step 2 .* skipped.*restoring step 1"):
       restored, _ = checkpoint.restore(ckpt, tiny_state(0))
     assert_same(restored, tiny_state(1))
+    with pytest.warns(checkpoint.CheckpointWarning, match="step 2 .* skipped"):
+      assert checkpoint.latest_step(ckpt) == 1
     caught += 1
     victim.write_bytes(original)
   assert caught == trials
