@@ -34,6 +34,7 @@ and a process exiting while a peer never reaches the end waits at most `--shutdo
 Only loopback addresses are used; without `--port` a free port is picked. Run the launcher from the
 repository root (the experiments are not installed with bnjax) or with the root on `PYTHONPATH`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,16 @@ import atexit
 import collections
 import contextlib
 import inspect
+import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -65,6 +69,7 @@ __all__ = [
   "ENV_HEARTBEAT_TIMEOUT",
   "ENV_SHUTDOWN_TIMEOUT",
   "ENV_RENDEZVOUS",
+  "ENV_STATUS_DIR",
 ]
 
 ENV_COORDINATOR = "BNJAX_COORDINATOR_ADDRESS"
@@ -74,6 +79,7 @@ ENV_INIT_TIMEOUT = "BNJAX_INIT_TIMEOUT"
 ENV_HEARTBEAT_TIMEOUT = "BNJAX_HEARTBEAT_TIMEOUT"
 ENV_SHUTDOWN_TIMEOUT = "BNJAX_SHUTDOWN_TIMEOUT"
 ENV_RENDEZVOUS = "BNJAX_RENDEZVOUS_ADDRESS"
+ENV_STATUS_DIR = "BNJAX_STATUS_DIR"
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _TIMEOUT_EXIT_STATUS = 124  # timeout(1)'s status for "ran out of time"
@@ -81,8 +87,11 @@ _GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when stopping the other proc
 _HEARTBEAT_TIMEOUT = 20  # JAX's default (100 s) would leave a dead peer unnoticed for minutes
 _SHUTDOWN_TIMEOUT = 30  # JAX's default (300 s) would keep a failed job alive for minutes
 _SLOW_SHUTDOWN_NOTICE = 5.0  # seconds at the shutdown barrier before a child says why it waits
+_SETTLE_SECONDS = 1.0  # after a failure, to see which process ended first
 _TAIL_LINES = 20  # of a failed process's output, repeated in the launcher's message
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+_PF_EXITING = 0x4  # /proc/<pid>/stat's flags: the process is exiting
+_PIDS_FILE = "pids.json"  # in the status folder: {process id: pid}, written once every child started
 _STACK_ADDRESS = re.compile(r"\s*@\s+0x[0-9a-f]+\s")  # a frame of absl's fatal-error stack trace
 
 
@@ -169,7 +178,7 @@ def initialize(environ=None) -> None:
       f"{coordinator} within {timeout} s (a peer never started, exited early, or the port is blocked): {e}"
     ) from e
   if num_processes > 1:
-    _fail_fast(process_id, num_processes, shutdown)
+    _fail_fast(process_id, num_processes, shutdown, environ.get(ENV_STATUS_DIR))
 
 
 def _supported_options(function, **options) -> dict:
@@ -196,6 +205,7 @@ def _loopback_gloo(jax) -> None:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+
     make_collectives, make_client = _jax.make_gloo_tcp_collectives, xla_bridge.make_cpu_client
     register = xla_bridge.register_backend_factory
   except (ImportError, AttributeError):
@@ -236,7 +246,7 @@ def _status_of(code) -> int:
   return code if isinstance(code, int) else 1  # as the interpreter does: a message exits with 1
 
 
-def _fail_fast(process_id: int, num_processes: int, shutdown: int) -> None:
+def _fail_fast(process_id: int, num_processes: int, shutdown: int, status_dir: str | None) -> None:
   """Makes a failing process exit at once, without waiting at JAX's shutdown barrier for the others.
 
   At exit JAX waits for every process to shut down too; a peer blocked in a collective with this one never
@@ -248,11 +258,21 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int) -> None:
     process_id: this process's id, for the messages.
     num_processes: the number of processes, for the messages.
     shutdown: the barrier's timeout in seconds, for the message.
+    status_dir: the launcher's status folder (peers' pids in, this process's failure out), or None.
   """
+
   def leave(status: int, why: str) -> None:
     try:
-      print(f"process {process_id} of {num_processes}: exiting with status {status} ({why}), without waiting "
-            "for the other processes", file=sys.stderr)
+      ended = _peers_ended(status_dir, process_id) if status_dir else []
+      if ended:  # this failure is most likely the consequence: say which peer went first
+        why += f", after process {', '.join(map(str, ended))} ended"
+      if status_dir:
+        _record_failure(status_dir, process_id, status, ended)
+      print(
+        f"process {process_id} of {num_processes}: exiting with status {status} ({why}), without waiting "
+        "for the other processes",
+        file=sys.stderr,
+      )
       sys.stdout.flush()
       sys.stderr.flush()
     finally:
@@ -274,9 +294,12 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int) -> None:
   def explain_the_wait():
     exiting.wait()
     time.sleep(_SLOW_SHUTDOWN_NOTICE)
-    print(f"process {process_id} of {num_processes}: exiting, but waiting at JAX's shutdown barrier for the other "
-          f"processes (at most {shutdown} s; a peer blocked in a collective with this one never arrives)",
-          file=sys.stderr, flush=True)
+    print(
+      f"process {process_id} of {num_processes}: exiting, but waiting at JAX's shutdown barrier for the other "
+      f"processes (at most {shutdown} s; a peer blocked in a collective with this one never arrives)",
+      file=sys.stderr,
+      flush=True,
+    )
 
   def at_exit():  # registered after JAX's own exit handler, so it runs before the barrier
     status = _status_of(_ENDING_STATUS[-1]) if _ENDING_STATUS else 0
@@ -289,6 +312,57 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int) -> None:
   # Started now: a thread cannot be started once the interpreter is exiting.
   threading.Thread(target=explain_the_wait, daemon=True).start()
   atexit.register(at_exit)
+
+
+def _ended(pid: int) -> bool:
+  """Whether process `pid` has ended or is ending (a zombie, or exiting); False when that cannot be told."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # not ours to signal: alive
+    return False
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    state, flags = fields[0], int(fields[6])
+  except (OSError, IndexError, ValueError):  # no /proc: take it as alive
+    return False
+  # Its sockets close while it exits, before it is a zombie: a peer may fail (and look) in between.
+  return state in ("Z", "X") or bool(flags & _PF_EXITING)
+
+
+def _peers_ended(status_dir: str, process_id: int) -> list[int]:
+  """The ids of the other processes of the launch that have ended, from the pids in `status_dir`."""
+  try:
+    with open(os.path.join(status_dir, _PIDS_FILE)) as f:
+      pids = json.load(f)
+  except (OSError, ValueError):
+    return []
+  return sorted(int(i) for i, pid in pids.items() if int(i) != process_id and _ended(int(pid)))
+
+
+def _record_failure(status_dir: str, process_id: int, status: int, after: list[int]) -> None:
+  """Tells the launcher this process failed, and which peers had ended before (whose failure caused it)."""
+  _write_json(os.path.join(status_dir, f"failed-{process_id}.json"), {"status": status, "after": after})
+
+
+def _write_json(path: str, value) -> None:
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(value, f)
+    os.replace(tmp, path)  # a reader sees the whole file or none
+  except OSError:
+    pass  # only a hint for the launcher's message
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -415,8 +489,19 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
 _REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _child_env(base, *, port, rendezvous_port, num_processes, process_id, devices_per_process, init_timeout,
-               heartbeat_timeout=_HEARTBEAT_TIMEOUT, shutdown_timeout=_SHUTDOWN_TIMEOUT):
+def _child_env(
+  base,
+  *,
+  port,
+  rendezvous_port,
+  num_processes,
+  process_id,
+  devices_per_process,
+  init_timeout,
+  heartbeat_timeout=_HEARTBEAT_TIMEOUT,
+  shutdown_timeout=_SHUTDOWN_TIMEOUT,
+  status_dir=None,
+):
   env = dict(base)
   env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
   env[ENV_NUM_PROCESSES] = str(num_processes)
@@ -425,6 +510,10 @@ def _child_env(base, *, port, rendezvous_port, num_processes, process_id, device
   env[ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
   env[ENV_SHUTDOWN_TIMEOUT] = str(shutdown_timeout)
   env[ENV_RENDEZVOUS] = f"127.0.0.1:{rendezvous_port}"
+  if status_dir is not None:
+    env[ENV_STATUS_DIR] = status_dir
+  else:
+    env.pop(ENV_STATUS_DIR, None)
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"
   # The children import this module (`from experiments import launch`) wherever their script lives.
@@ -444,6 +533,13 @@ class _Child:
     self.proc = proc
     self.tail: collections.deque = collections.deque(maxlen=_TAIL_LINES)
     self.forwarder: threading.Thread | None = None
+    self.output_closed_at: float | None = None  # its output's end: when it exited, unless a descendant holds it
+    self.reaped_at: float | None = None
+
+  def ended_at(self) -> float:
+    """When the process ended, as closely as seen (its output closes before its exit status is ready)."""
+    seen = [t for t in (self.output_closed_at, self.reaped_at) if t is not None]
+    return min(seen) if seen else float("inf")
 
 
 def _start(index: int, command: Sequence[str], env) -> _Child:
@@ -469,11 +565,14 @@ def _forward(child: _Child, out, lock: threading.Lock) -> None:
     with lock:
       out.write(f"[{child.index}] {text}\n")
       out.flush()
+  child.output_closed_at = time.monotonic()
   child.proc.stdout.close()
 
 
 def _reap(child: _Child, exits: queue.Queue) -> None:
-  exits.put((child.index, child.proc.wait()))
+  code = child.proc.wait()
+  child.reaped_at = time.monotonic()
+  exits.put((child.index, code))
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -520,8 +619,10 @@ def _failure_report(child: _Child, returncode: int, log) -> None:
   if child.forwarder is not None:
     child.forwarder.join(timeout=2.0)  # the pipe's last lines, unless a descendant still holds it open
   lines = list(child.tail)
-  log(f"process {child.index} (pid {child.proc.pid}) failed: {_how_it_ended(returncode)}; "
-      + (f"the last {len(lines)} line(s) of its output:" if lines else "it printed nothing"))
+  log(
+    f"process {child.index} (pid {child.proc.pid}) failed: {_how_it_ended(returncode)}; "
+    + (f"the last {len(lines)} line(s) of its output:" if lines else "it printed nothing")
+  )
   for line in lines:
     log(f"  [{child.index}] {line}")
 
@@ -617,8 +718,12 @@ def launch(
   """
   if not command:
     raise ValueError("command must name a program to run, got an empty command")
-  for name, value in (("processes", processes), ("timeout", timeout), ("heartbeat_timeout", heartbeat_timeout),
-                      ("shutdown_timeout", shutdown_timeout)):
+  for name, value in (
+    ("processes", processes),
+    ("timeout", timeout),
+    ("heartbeat_timeout", heartbeat_timeout),
+    ("shutdown_timeout", shutdown_timeout),
+  ):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be an int >= 1, got {value!r}")
   if devices_per_process is not None and (not isinstance(devices_per_process, int) or devices_per_process < 1):
@@ -644,19 +749,28 @@ def launch(
 
   children: list[_Child] = []
   exits: queue.Queue = queue.Queue()
+  status_dir = tempfile.mkdtemp(prefix="bnjax-launch-")  # the children report their failures here
   try:
     with _StopSignals() as stop_signals:
       try:
         for index in range(processes):
           child_env = _child_env(
-            base, port=port, rendezvous_port=rendezvous_port, num_processes=processes, process_id=index,
-            devices_per_process=devices_per_process, init_timeout=timeout, heartbeat_timeout=heartbeat_timeout,
+            base,
+            port=port,
+            rendezvous_port=rendezvous_port,
+            num_processes=processes,
+            process_id=index,
+            devices_per_process=devices_per_process,
+            init_timeout=timeout,
+            heartbeat_timeout=heartbeat_timeout,
             shutdown_timeout=shutdown_timeout,
+            status_dir=status_dir,
           )
           with stop_signals.held():
             children.append(_start(index, command, child_env))
           _watch(children[-1], exits, out, lock)
-        status = _wait(children, exits, max_time, log)
+        _write_json(os.path.join(status_dir, _PIDS_FILE), {c.index: c.proc.pid for c in children})
+        status = _wait(children, exits, max_time, log, status_dir)
       except _Stopped as e:
         log(f"got {signal.Signals(e.signum).name}; stopping every process")
         status = 128 + e.signum
@@ -672,12 +786,13 @@ def launch(
         for child in children:
           if child.forwarder is not None:
             child.forwarder.join(timeout=_GRACE_SECONDS)
+        shutil.rmtree(status_dir, ignore_errors=True)
   except _Stopped as e:  # the first signal came while a failure was being handled; the children are stopped
     status = 128 + e.signum
   return status
 
 
-def _wait(children: Sequence[_Child], exits: queue.Queue, max_time: float | None, log) -> int:
+def _wait(children: Sequence[_Child], exits: queue.Queue, max_time: float | None, log, status_dir: str) -> int:
   """Waits for every child to exit 0 (returns 0), or for the first failure or `max_time` (returns non-zero)."""
   deadline = None if max_time is None else time.monotonic() + max_time
   remaining = len(children)
@@ -692,10 +807,50 @@ def _wait(children: Sequence[_Child], exits: queue.Queue, max_time: float | None
       continue
     remaining -= 1
     if code != 0:
-      log(f"process {index} exited with status {_exit_status(code)}; stopping the {remaining} still running")
-      _failure_report(children[index], code, log)
-      return _exit_status(code)
+      failed = {index: code}
+      remaining -= _collect_failures(exits, remaining, failed)
+      first, *later = _in_failure_order(failed, children, status_dir)
+      log(f"process {first} exited with status {_exit_status(failed[first])}; stopping the {remaining} still running")
+      _failure_report(children[first], failed[first], log)
+      if later:
+        also = ", ".join(f"process {i} ({_how_it_ended(failed[i])})" for i in later)
+        log(f"failed after process {first}, likely because of it: {also}")
+      return _exit_status(failed[first])
   return 0
+
+
+def _in_failure_order(failed: dict, children: Sequence[_Child], status_dir: str) -> list[int]:
+  """The failed processes' ids, the one that failed first (the likely cause of the others) leading.
+
+  A process that reported failing after a failed peer had ended comes after it; among the rest, the one
+  seen to end first leads (the launcher sees ends late, by a few milliseconds, so that comes second).
+  """
+
+  def order(index: int):
+    record = _read_json(os.path.join(status_dir, f"failed-{index}.json"))
+    after = record.get("after", []) if isinstance(record, dict) else []
+    return (any(i in failed for i in after), children[index].ended_at())
+
+  return sorted(failed, key=order)
+
+
+def _collect_failures(exits: queue.Queue, remaining: int, failed: dict) -> int:
+  """Waits a moment for other exits, adding the failures to `failed`; returns how many exited.
+
+  A process's failure makes its peers fail in turn (a collective loses its peer), and the launcher may see
+  those first: the moment lets it name the process that ended first instead.
+  """
+  settle = time.monotonic() + _SETTLE_SECONDS
+  exited = 0
+  while exited < remaining and time.monotonic() < settle:
+    try:
+      index, code = exits.get(timeout=max(0.0, settle - time.monotonic()))
+    except queue.Empty:
+      break
+    exited += 1
+    if code != 0:
+      failed[index] = code
+  return exited
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -712,11 +867,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   )
   parser.add_argument("--max-time", type=float, default=None, help="seconds the whole run may take (default: none)")
   parser.add_argument(
-    "--heartbeat-timeout", type=int, default=_HEARTBEAT_TIMEOUT,
+    "--heartbeat-timeout",
+    type=int,
+    default=_HEARTBEAT_TIMEOUT,
     help=f"seconds after which a silent process is declared dead (default {_HEARTBEAT_TIMEOUT})",
   )
   parser.add_argument(
-    "--shutdown-timeout", type=int, default=_SHUTDOWN_TIMEOUT,
+    "--shutdown-timeout",
+    type=int,
+    default=_SHUTDOWN_TIMEOUT,
     help=f"seconds an exiting process waits for the others at the shutdown barrier (default {_SHUTDOWN_TIMEOUT})",
   )
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- followed by the command to run")
