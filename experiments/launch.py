@@ -260,58 +260,69 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int, status_dir: s
     shutdown: the barrier's timeout in seconds, for the message.
     status_dir: the launcher's status folder (peers' pids in, this process's failure out), or None.
   """
-
-  def leave(status: int, why: str) -> None:
-    try:
-      ended = _peers_ended(status_dir, process_id) if status_dir else []
-      if ended:  # this failure is most likely the consequence: say which peer went first
-        why += f", after process {', '.join(map(str, ended))} ended"
-      if status_dir:
-        _record_failure(status_dir, process_id, status, ended)
-      print(
-        f"process {process_id} of {num_processes}: exiting with status {status} ({why}), without waiting "
-        "for the other processes",
-        file=sys.stderr,
-      )
-      sys.stdout.flush()
-      sys.stderr.flush()
-    finally:
-      os._exit(status)  # pylint: disable=protected-access
-
+  me = f"process {process_id} of {num_processes}"
   previous_hook = sys.excepthook
+  owner = os.getpid()  # a process forked from this one (a data worker, say) is not a process of the launch
 
   def excepthook(kind, value, traceback):
     try:
       previous_hook(kind, value, traceback)
     finally:
-      leave(130 if issubclass(kind, KeyboardInterrupt) else 1, f"the uncaught {kind.__name__} above")
+      if os.getpid() == owner:
+        status = 130 if issubclass(kind, KeyboardInterrupt) else 1
+        _leave(me, process_id, status_dir, status, f"the uncaught {kind.__name__} above")
 
   def exit(status=None):  # pylint: disable=redefined-builtin
     raise _ProgramExit(status)
 
   exiting = threading.Event()
 
-  def explain_the_wait():
-    exiting.wait()
-    time.sleep(_SLOW_SHUTDOWN_NOTICE)
-    print(
-      f"process {process_id} of {num_processes}: exiting, but waiting at JAX's shutdown barrier for the other "
-      f"processes (at most {shutdown} s; a peer blocked in a collective with this one never arrives)",
-      file=sys.stderr,
-      flush=True,
-    )
-
   def at_exit():  # registered after JAX's own exit handler, so it runs before the barrier
     status = _status_of(_ENDING_STATUS[-1]) if _ENDING_STATUS else 0
-    if status:
-      leave(status, "sys.exit")
+    if status and os.getpid() == owner:
+      _leave(me, process_id, status_dir, status, "sys.exit")
     exiting.set()
 
   sys.excepthook = excepthook
   sys.exit = exit
   # Started now: a thread cannot be started once the interpreter is exiting.
-  threading.Thread(target=explain_the_wait, daemon=True).start()
+  threading.Thread(target=_explain_the_wait, args=(exiting, me, shutdown), daemon=True).start()
   atexit.register(at_exit)
+
+
+def _leave(me: str, process_id: int, status_dir: str | None, status: int, why: str) -> None:
+  """Reports the failure (to the launcher and on stderr) and exits with `status` now.
+
+  Args:
+    me: "process i of n", for the message.
+    process_id: this process's id.
+    status_dir: the launcher's status folder, or None.
+    status: the exit status.
+    why: what failed, for the message.
+  """
+  try:
+    ended = _peers_ended(status_dir, process_id) if status_dir else []
+    if ended:  # this failure is most likely the consequence: say which peer went first
+      why += f", after process {', '.join(map(str, ended))} ended"
+    if status_dir:
+      _record_failure(status_dir, process_id, status, ended)
+    print(f"{me}: exiting with status {status} ({why}), without waiting for the other processes", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+  finally:
+    os._exit(status)  # pylint: disable=protected-access
+
+
+def _explain_the_wait(exiting: threading.Event, me: str, shutdown: int) -> None:
+  """Once `exiting` is set, says after a while why the process is still there (the shutdown barrier)."""
+  exiting.wait()
+  time.sleep(min(_SLOW_SHUTDOWN_NOTICE, shutdown / 2))
+  print(
+    f"{me}: exiting, but waiting at JAX's shutdown barrier for the other processes (at most {shutdown} s; a "
+    "peer blocked in a collective with this one never arrives)",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def _ended(pid: int) -> bool:

@@ -12,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import models, training
-from experiments import checkpoint, launch
+from bnjax import models
+from bnjax import training
+from experiments import checkpoint
+from experiments import launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A guard against hangs (the test fails instead of blocking CI); not a timing assertion.
@@ -90,13 +92,17 @@ def test_output_is_prefixed_and_the_environment_is_set():
   code = (
     "import os; e = os.environ; "
     "print('hello', e['BNJAX_PROCESS_ID'], e['BNJAX_NUM_PROCESSES'], e['BNJAX_COORDINATOR_ADDRESS'], "
-    "e['BNJAX_INIT_TIMEOUT'], e['XLA_FLAGS'])"
+    "e['BNJAX_INIT_TIMEOUT'], e['BNJAX_HEARTBEAT_TIMEOUT'], e['BNJAX_SHUTDOWN_TIMEOUT'], e['XLA_FLAGS'])"
   )
-  status, out = launch_in_process([sys.executable, "-c", code], processes=2, devices_per_process=3, port=4567)
+  port = launch.free_port()  # a port given is checked to be free first
+  status, out = launch_in_process(
+    [sys.executable, "-c", code], processes=2, devices_per_process=3, port=port, heartbeat_timeout=7,
+    shutdown_timeout=9,
+  )
   assert status == 0, out
   for pid in (0, 1):
-    line = next(l for l in out.splitlines() if l.startswith(f"[{pid}] hello"))
-    assert line.startswith(f"[{pid}] hello {pid} 2 127.0.0.1:4567 60 ")
+    line = next(text for text in out.splitlines() if text.startswith(f"[{pid}] hello"))
+    assert line.startswith(f"[{pid}] hello {pid} 2 127.0.0.1:{port} 60 7 9 ")
     assert line.endswith("--xla_force_host_platform_device_count=3")  # replaces the caller's count of 8
     assert "count=8" not in line
 
@@ -195,3 +201,5 @@ def test_command_line_errors():
   assert result.returncode == 2 and "give the command to run after --" in result.stderr
   result = cli("--processes", "0", "--", "true")
   assert result.returncode == 2 and "processes must be an int >= 1, got 0" in result.stderr
+  result = cli("--processes", "1", "--heartbeat-timeout", "0", "--", "true")
+  assert result.returncode == 2 and "heartbeat_timeout must be an int >= 1, got 0" in result.stderr
