@@ -12,24 +12,27 @@ The launcher
 * sets, in each child's environment: `BNJAX_COORDINATOR_ADDRESS=127.0.0.1:PORT`, `BNJAX_NUM_PROCESSES`,
   `BNJAX_PROCESS_ID`, `BNJAX_INIT_TIMEOUT`, `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`
   (seconds), `BNJAX_RENDEZVOUS_ADDRESS` (a second loopback port where the processes meet before JAX
-  connects them), `XLA_FLAGS` with `--xla_force_host_platform_device_count=<devices-per-process>`,
-  `JAX_PLATFORMS=cpu` (unless set), `PYTHONUNBUFFERED=1`, and `PYTHONPATH` led by the repository root, so
-  that a child imports `experiments.launch` wherever its script lives;
+  connects them), `BNJAX_STATUS_DIR` (a private folder where a failing child reports itself), `XLA_FLAGS`
+  with `--xla_force_host_platform_device_count=<devices-per-process>`, `JAX_PLATFORMS=cpu` (unless set),
+  `PYTHONUNBUFFERED=1`, and `PYTHONPATH` led by the repository root, so that a child imports
+  `experiments.launch` wherever its script lives;
 * checks that the coordinator port is free on 127.0.0.1 before starting anything;
 * starts each child in a process group of its own and forwards every line the children print (stdout and
   stderr) prefixed with `[<process id>]`;
 * stops the other processes (their whole process groups: SIGTERM, then SIGKILL after 5 s) as soon as one
-  fails, names it (process id, exit code or signal, the last lines of its output) and returns its exit
-  status; SIGTERM, SIGINT or SIGHUP to the launcher stops every process the same way (status 128 + signal);
+  fails, names it (process id, exit code or signal, the last lines of its output; when its failure made
+  peers fail too, the one that failed first) and returns its exit status; SIGTERM, SIGINT or SIGHUP to the
+  launcher stops every process the same way (status 128 + signal);
 * is bounded in time: a process that cannot reach its peers fails within `--timeout` seconds (in
   `initialize`, with a message naming the coordinator), and `--max-time` bounds the whole run (exit status
   124, like `timeout(1)`).
 
-In the child, `initialize()` makes a failure end fast: an uncaught exception exits the process at once
-(status 1, or 130 for KeyboardInterrupt) instead of waiting at JAX's shutdown barrier for peers that may
-be blocked in a collective; a peer that dies is detected by JAX's heartbeats within
-`--heartbeat-timeout` seconds (the survivors exit non-zero with a message naming the task that stopped);
-and a process exiting while a peer never reaches the end waits at most `--shutdown-timeout` seconds.
+In the child, `initialize()` makes a failure end fast: an uncaught exception or `sys.exit(n)` with n != 0
+exits the process at once (status 1, 130 for KeyboardInterrupt, or n) instead of waiting at JAX's shutdown
+barrier for peers that may be blocked in a collective; a peer that dies is detected by JAX's heartbeats
+within `--heartbeat-timeout` seconds (the survivors exit non-zero with a message naming the task that
+stopped); and a process that exits otherwise (with 0, or by `raise SystemExit(n)`, which cannot be told
+from success) waits at most `--shutdown-timeout` seconds for peers that never reach the end.
 
 Only loopback addresses are used; without `--port` a free port is picked. Run the launcher from the
 repository root (the experiments are not installed with bnjax) or with the root on `PYTHONPATH`.
