@@ -220,7 +220,10 @@ def _loopback_gloo(jax) -> None:
     collectives = make_collectives(distributed_client=distributed.global_state.client, hostname="127.0.0.1")
     return make_client(collectives=collectives)
 
-  register("cpu", cpu_client, priority=0, fail_quietly=False)
+  try:
+    register("cpu", cpu_client, priority=0, fail_quietly=False)
+  except RuntimeError:
+    pass  # the backend exists already: jax.distributed.initialize says so, in its words
 
 
 class _ProgramExit(SystemExit):
