@@ -1,40 +1,44 @@
-"""Runs N local processes of a command under `jax.distributed`, e.g. to test multi-process training on CPU.
+"""Runs N local processes of a command as one `jax.distributed` job, e.g. to test multi-process training on CPU.
 
     python -m experiments.launch --processes 2 --devices-per-process 2 [--port P] [--timeout S] -- python train.py
 
-starts `python train.py` twice with a loopback coordinator. Each child calls `experiments.launch.initialize()`
-before any other JAX call; the two processes then form one JAX system of 2 x 2 host (CPU) devices:
-`jax.devices()` lists all 4, `jax.local_devices()` the process's 2, and a sharded `jit` over a mesh of all 4
-runs on both processes at once, its collectives going through Gloo over loopback TCP.
+starts `python train.py` twice as a simulated SLURM job step on 127.0.0.1. Each child calls
+`experiments.launch.initialize()` (or `maybe_initialize()`) before any other JAX call, which calls
+`jax.distributed.initialize()` without a coordinator, process count or id: JAX's SLURM detection reads them
+from the environment, as it would on a real cluster. The two processes then form one JAX system of 2 x 2 host
+(CPU) devices: `jax.devices()` lists all 4, `jax.local_devices()` the process's 2, and a sharded `jit` over a
+mesh of all 4 runs on both processes at once, its collectives going through Gloo over loopback TCP.
 
 The launcher
 
-* sets, in each child's environment: `BNJAX_COORDINATOR_ADDRESS=127.0.0.1:PORT`, `BNJAX_NUM_PROCESSES`,
-  `BNJAX_PROCESS_ID`, `BNJAX_INIT_TIMEOUT`, `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`
-  (seconds), `BNJAX_RENDEZVOUS_ADDRESS` (a second loopback port where the processes meet before JAX
-  connects them), `BNJAX_STATUS_DIR` (a private folder where a failing child reports itself), `XLA_FLAGS`
-  with `--xla_force_host_platform_device_count=<devices-per-process>`, `JAX_PLATFORMS=cpu` (unless set),
+* sets, in each child's environment, the variables of a SLURM job step (`SLURM_JOB_ID`, `SLURM_NTASKS`,
+  `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_STEP_NODELIST` and `SLURM_JOB_NODELIST` = `127.0.0.1`,
+  `SLURM_STEP_NUM_NODES`) and JAX's `JAX_COORDINATOR_PORT` and `JAX_COORDINATOR_BIND_ADDRESS`
+  (`127.0.0.1:PORT`); `BNJAX_INIT_TIMEOUT`, `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`
+  (seconds, JAX has no variables for them), `BNJAX_RENDEZVOUS_ADDRESS` (a second loopback port where the
+  processes meet before JAX connects them), `XLA_FLAGS` with
+  `--xla_force_host_platform_device_count=<devices-per-process>`, `JAX_PLATFORMS=cpu` (unless set),
   `PYTHONUNBUFFERED=1`, and `PYTHONPATH` led by the repository root, so that a child imports
   `experiments.launch` wherever its script lives;
 * checks that the coordinator port is free on 127.0.0.1 before starting anything;
 * starts each child in a process group of its own and forwards every line the children print (stdout and
   stderr) prefixed with `[<process id>]`;
 * stops the other processes (their whole process groups: SIGTERM, then SIGKILL after 5 s) as soon as one
-  fails, names it (process id, exit code or signal, the last lines of its output; when its failure made
-  peers fail too, the one that failed first) and returns its exit status; SIGTERM, SIGINT or SIGHUP to the
-  launcher stops every process the same way (status 128 + signal);
+  fails, names it (process id, exit code or signal, the last lines of its output) and returns its exit
+  status; SIGTERM, SIGINT or SIGHUP to the launcher stops every process the same way (status 128 + signal);
 * is bounded in time: a process that cannot reach its peers fails within `--timeout` seconds (in
   `initialize`, with a message naming the coordinator), and `--max-time` bounds the whole run (exit status
   124, like `timeout(1)`).
 
-In the child, `initialize()` makes a failure end fast: an uncaught exception or `sys.exit(n)` with n != 0
-exits the process at once (status 1, 130 for KeyboardInterrupt, or n) instead of waiting at JAX's shutdown
-barrier for peers that may be blocked in a collective; a peer that dies is detected by JAX's heartbeats
-within `--heartbeat-timeout` seconds (the survivors exit non-zero with a message naming the task that
-stopped); and a process that exits otherwise (with 0, or by `raise SystemExit(n)`, which cannot be told
-from success) waits at most `--shutdown-timeout` seconds for peers that never reach the end.
+In the child, `initialize()` makes a failure end fast: an uncaught exception exits the process at once
+(status 1, or 130 for KeyboardInterrupt) instead of waiting at JAX's shutdown barrier for peers that may
+be blocked in a collective; a peer that dies is detected by JAX's heartbeats within
+`--heartbeat-timeout` seconds (the survivors exit non-zero with a message naming the task that stopped);
+and a process exiting while a peer never reaches the end waits at most `--shutdown-timeout` seconds.
 
-Only loopback addresses are used; without `--port` a free port is picked. Run the launcher from the
+On a real cluster (SLURM, Open MPI, Kubernetes, a Cloud TPU pod) the same `initialize()` finds the job
+through JAX's detection; `maybe_initialize("auto")` initializes only when it finds one. Only loopback
+addresses are used by the launcher; without `--port` a free port is picked. Run the launcher from the
 repository root (the experiments are not installed with bnjax) or with the root on `PYTHONPATH`.
 """
 
@@ -61,6 +65,8 @@ from collections.abc import Sequence
 
 __all__ = [
   "initialize",
+  "maybe_initialize",
+  "detect_cluster",
   "launch",
   "main",
   "free_port",
@@ -87,6 +93,7 @@ ENV_STATUS_DIR = "BNJAX_STATUS_DIR"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _TIMEOUT_EXIT_STATUS = 124  # timeout(1)'s status for "ran out of time"
 _GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when stopping the other processes
+_INIT_TIMEOUT = 300  # JAX's default
 _HEARTBEAT_TIMEOUT = 20  # JAX's default (100 s) would leave a dead peer unnoticed for minutes
 _SHUTDOWN_TIMEOUT = 30  # JAX's default (300 s) would keep a failed job alive for minutes
 _SLOW_SHUTDOWN_NOTICE = 5.0  # seconds at the shutdown barrier before a child says why it waits
@@ -118,34 +125,99 @@ def _env_int(name: str, environ, default: int | None = None) -> int:
     raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def initialize(environ=None) -> None:
-  """Joins this process to the others of the launch: `jax.distributed.initialize` from the launcher's env.
+def _explicit_job(environ) -> tuple[str, int, int] | None:
+  """The job named by `BNJAX_COORDINATOR_ADDRESS`, `BNJAX_NUM_PROCESSES` and `BNJAX_PROCESS_ID`, if set."""
+  coordinator = environ.get(ENV_COORDINATOR)
+  if not coordinator:
+    return None
+  return coordinator, _env_int(ENV_NUM_PROCESSES, environ), _env_int(ENV_PROCESS_ID, environ)
 
-  Call it first thing in the child, before any JAX computation (the backend must not be initialized yet).
-  It selects Gloo on 127.0.0.1 for cross-process CPU collectives, connects to the coordinator (waiting at
-  most `BNJAX_INIT_TIMEOUT` seconds for every process to arrive), bounds JAX's failure detection by
-  `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`, and makes an uncaught exception exit the process
-  at once rather than wait at the shutdown barrier for peers that may never get there.
+
+def detect_cluster() -> tuple[str, str, int, int] | None:
+  """The cluster JAX's `jax.distributed.initialize()` would find from this environment, if any.
+
+  Reads what JAX's own detectors read (`jax._src.clusters`): SLURM's `SLURM_*` variables (as the launcher
+  sets them), Open MPI's `OMPI_MCA_orte_hnp_uri`, Kubernetes' `KUBERNETES_SERVICE_HOST`, a Cloud TPU VM's
+  metadata; `JAX_COORDINATOR_PORT` overrides the port.
+
+  Returns:
+    `(name, coordinator_address, num_processes, process_id)`, or None outside a cluster.
+  """
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  except ImportError:  # another JAX layout: no detection to mirror
+    return None
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if env.opt_in_only_method or not env.is_env_present():
+      continue
+    port = os.environ.get("JAX_COORDINATOR_PORT")
+    coordinator = env.get_coordinator_address(timeout_secs=None, override_coordinator_port=port)
+    return env.name, coordinator, env.get_process_count(), env.get_process_id()
+  return None
+
+
+def maybe_initialize(mode: str = "auto") -> bool:
+  """Joins the job this process belongs to, if any: `initialize()` under a cluster, nothing otherwise.
 
   Args:
-    environ: the environment to read (default: `os.environ`).
+    mode: "auto" initializes when a cluster of more than one process is detected (`detect_cluster`) or the
+      `BNJAX_*` job variables are set; "on" always (failing outside a job); "off" never.
+
+  Returns:
+    Whether `jax.distributed` is initialized (also when it already was).
 
   Raises:
-    RuntimeError: if the environment variables are missing, the coordinator's port is taken, or the peers
-      cannot be reached in time.
+    ValueError: for a `mode` other than "auto", "on" or "off".
+    RuntimeError: as `initialize`.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.distributed.is_initialized():
+    return True
+  if mode == "off":
+    return False
+  if mode == "auto" and _explicit_job(os.environ) is None:
+    cluster = detect_cluster()
+    if cluster is None or cluster[2] < 2:  # one process: nothing to join
+      return False
+  initialize()
+  return True
+
+
+def initialize(environ=None) -> None:
+  """Joins this process to the others of its job: `jax.distributed.initialize()` from the environment.
+
+  Call it first thing in the child, before any JAX computation (the backend must not be initialized yet).
+  Under the launcher or a cluster JAX detects, `jax.distributed.initialize` gets no coordinator, process
+  count or id: JAX reads them itself. It selects Gloo for cross-process CPU collectives (on 127.0.0.1 under
+  the launcher), waits at most `BNJAX_INIT_TIMEOUT` seconds (default 300) for every process to arrive,
+  bounds JAX's failure detection by `BNJAX_HEARTBEAT_TIMEOUT` and `BNJAX_SHUTDOWN_TIMEOUT`, and makes an
+  uncaught exception exit the process at once rather than wait at the shutdown barrier for peers that may
+  never get there. `BNJAX_COORDINATOR_ADDRESS`, `BNJAX_NUM_PROCESSES` and `BNJAX_PROCESS_ID`, when set,
+  name a job outside any cluster.
+
+  Args:
+    environ: the environment to read (default: `os.environ`); cluster detection reads `os.environ`.
+
+  Raises:
+    RuntimeError: outside a job, or if the coordinator's port is taken, or the peers cannot be reached in
+      time.
   """
   import jax  # pylint: disable=g-import-not-at-top  (the launcher itself never imports jax)
 
   environ = os.environ if environ is None else environ
-  coordinator = environ.get(ENV_COORDINATOR)
-  if not coordinator:
+  explicit = _explicit_job(environ)
+  cluster = detect_cluster() if explicit is None and environ is os.environ else None
+  if explicit is None and cluster is None:
     raise RuntimeError(
-      f"environment variable {ENV_COORDINATOR} is not set: experiments.launch.initialize() runs in a process "
-      "started by `python -m experiments.launch --processes N -- <command>`"
+      "no job to join: experiments.launch.initialize() runs in a process started by "
+      "`python -m experiments.launch --processes N -- <command>` or by a cluster JAX detects (SLURM, Open MPI, "
+      f"Kubernetes, Cloud TPU), or with {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} set"
     )
-  num_processes = _env_int(ENV_NUM_PROCESSES, environ)
-  process_id = _env_int(ENV_PROCESS_ID, environ)
-  timeout = _env_int(ENV_INIT_TIMEOUT, environ)
+  coordinator, num_processes, process_id = explicit or cluster[1:]
+  timeout = _env_int(ENV_INIT_TIMEOUT, environ, _INIT_TIMEOUT)
   heartbeat = _env_int(ENV_HEARTBEAT_TIMEOUT, environ, _HEARTBEAT_TIMEOUT)
   shutdown = _env_int(ENV_SHUTDOWN_TIMEOUT, environ, _SHUTDOWN_TIMEOUT)
   rendezvous = environ.get(ENV_RENDEZVOUS)
@@ -154,27 +226,23 @@ def initialize(environ=None) -> None:
     # turns that case into a RuntimeError that says who is missing.
     _rendezvous(rendezvous, num_processes=num_processes, process_id=process_id, timeout=timeout)
   host, port = _split_address(coordinator)
-  if process_id == 0:
+  if process_id == 0 and _is_loopback(host):
     # A taken port makes JAX's coordinator crash with SIGSEGV; say which port instead.
     try:
       check_port_free(port, host=host)
     except ValueError as e:
       raise RuntimeError(f"process 0 of {num_processes}: cannot host the coordinator: {e}") from None
-  _loopback_gloo(jax)
+  _gloo(jax, loopback=_is_loopback(host))
+  job = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id) if explicit else {}
   options = _supported_options(
     jax.distributed.initialize,
     heartbeat_timeout_seconds=heartbeat,
     shutdown_timeout_seconds=shutdown,
-    coordinator_bind_address=coordinator,  # JAX's default binds every interface: keep to the address given
   )
+  if explicit and _is_loopback(host):  # JAX's default binds every interface: keep to the address given
+    options.update(_supported_options(jax.distributed.initialize, coordinator_bind_address=coordinator))
   try:
-    jax.distributed.initialize(
-      coordinator_address=coordinator,
-      num_processes=num_processes,
-      process_id=process_id,
-      initialization_timeout=timeout,
-      **options,
-    )
+    jax.distributed.initialize(initialization_timeout=timeout, **job, **options)
   except Exception as e:  # the runtime raises several types (XlaRuntimeError, RuntimeError, ...)
     raise RuntimeError(
       f"process {process_id} of {num_processes} could not join the others through the coordinator at "
@@ -182,6 +250,10 @@ def initialize(environ=None) -> None:
     ) from e
   if num_processes > 1:
     _fail_fast(process_id, num_processes, shutdown, environ.get(ENV_STATUS_DIR))
+
+
+def _is_loopback(host: str) -> bool:
+  return host in ("127.0.0.1", "localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def _supported_options(function, **options) -> dict:
@@ -198,12 +270,14 @@ def _supported_options(function, **options) -> dict:
   return {name: value for name, value in options.items() if name in parameters}
 
 
-def _loopback_gloo(jax) -> None:
-  """Selects Gloo for CPU collectives, listening on 127.0.0.1 where this JAX version lets us say so.
+def _gloo(jax, *, loopback: bool) -> None:
+  """Selects Gloo for CPU collectives; with `loopback`, listening on 127.0.0.1 where this JAX lets us say so.
 
   Left alone, Gloo listens on the address the host name resolves to, which need not be loopback.
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if not loopback:
+    return
   try:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -502,6 +576,37 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
       ) from None
 
 
+# Variables that would name another job to JAX (or to `initialize`) than the launcher's.
+_FOREIGN_JOB = (
+  ENV_COORDINATOR,
+  ENV_NUM_PROCESSES,
+  ENV_PROCESS_ID,
+  "JAX_COORDINATOR_ADDRESS",
+  "JAX_LOCAL_DEVICE_IDS",
+  "OMPI_MCA_orte_hnp_uri",
+  "KUBERNETES_SERVICE_HOST",
+)
+
+
+def _slurm_step(port: int, *, num_processes: int, process_id: int) -> dict:
+  """The variables of task `process_id` of a one-node SLURM job step on 127.0.0.1, as JAX's detection reads them.
+
+  The coordinator's port comes from `JAX_COORDINATOR_PORT` (SLURM's own would be derived from the job id),
+  and `JAX_COORDINATOR_BIND_ADDRESS` keeps it on loopback (JAX binds every interface by default).
+  """
+  return {
+    "SLURM_JOB_ID": str(port),
+    "SLURM_NTASKS": str(num_processes),
+    "SLURM_PROCID": str(process_id),
+    "SLURM_LOCALID": str(process_id),
+    "SLURM_STEP_NODELIST": "127.0.0.1",
+    "SLURM_JOB_NODELIST": "127.0.0.1",
+    "SLURM_STEP_NUM_NODES": "1",
+    "JAX_COORDINATOR_PORT": str(port),
+    "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+  }
+
+
 # The folder that holds the experiments package (it is not installed with bnjax).
 _REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -519,10 +624,9 @@ def _child_env(
   shutdown_timeout=_SHUTDOWN_TIMEOUT,
   status_dir=None,
 ):
-  env = dict(base)
-  env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
-  env[ENV_NUM_PROCESSES] = str(num_processes)
-  env[ENV_PROCESS_ID] = str(process_id)
+  # Whatever job the launcher itself runs in is not the children's: they see only the simulated one.
+  env = {k: v for k, v in base.items() if k not in _FOREIGN_JOB and not k.startswith("SLURM_")}
+  env.update(_slurm_step(port, num_processes=num_processes, process_id=process_id))
   env[ENV_INIT_TIMEOUT] = str(init_timeout)
   env[ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
   env[ENV_SHUTDOWN_TIMEOUT] = str(shutdown_timeout)

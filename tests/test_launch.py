@@ -91,7 +91,7 @@ def launch_in_process(command, **kwargs):
 def test_output_is_prefixed_and_the_environment_is_set():
   code = (
     "import os; e = os.environ; "
-    "print('hello', e['BNJAX_PROCESS_ID'], e['BNJAX_NUM_PROCESSES'], e['BNJAX_COORDINATOR_ADDRESS'], "
+    "print('hello', e['SLURM_PROCID'], e['SLURM_NTASKS'], e['SLURM_STEP_NODELIST'] + ':' + e['JAX_COORDINATOR_PORT'], "
     "e['BNJAX_INIT_TIMEOUT'], e['BNJAX_HEARTBEAT_TIMEOUT'], e['BNJAX_SHUTDOWN_TIMEOUT'], e['XLA_FLAGS'])"
   )
   port = launch.free_port()  # a port given is checked to be free first
@@ -124,7 +124,7 @@ def test_a_peer_that_never_comes_fails_with_a_clear_message(tmp_path, absent):
   script.write_text(
     "import os\n"
     "from experiments import launch\n"
-    f"if os.environ['BNJAX_PROCESS_ID'] != '{absent}':\n"
+    f"if os.environ['SLURM_PROCID'] != '{absent}':\n"
     "  launch.initialize()\n"
     "  raise SystemExit('unreachable: initialize() returned without the peer')\n"
     "print('leaving without joining')\n"
@@ -145,7 +145,7 @@ def test_a_peer_that_never_comes_fails_with_a_clear_message(tmp_path, absent):
 
 
 def test_one_failure_stops_the_others():
-  code = "import os, sys, time\nif os.environ['BNJAX_PROCESS_ID'] == '1': sys.exit(3)\ntime.sleep(600)"
+  code = "import os, sys, time\nif os.environ['SLURM_PROCID'] == '1': sys.exit(3)\ntime.sleep(600)"
   status, out = launch_in_process([sys.executable, "-c", code], processes=3)
   assert status == 3, out
   assert "[launch] process 1 exited with status 3; stopping the 2 still running" in out
