@@ -28,17 +28,33 @@ way). Its running statistics then differ per device: `sync_batch_stats=True` (de
 them across devices after each step, so every replica keeps the same `batch_stats`;
 `sync_batch_stats=False` keeps each device's own (under `shard_map` the state then holds them with a
 leading device axis, see `replicate(..., per_device_batch_stats=True)`).
+
+Sub-groups: on a 2-D mesh `("group", "batch")` with `group_axis="group"`, the batch is split over both
+axes and BatchNorm statistics are those of each group's rows (the devices along "batch" that share a
+"group" index) while gradients, metrics and running statistics are still averaged over every device; the
+practice on large pods, where BN syncs over 8-64 devices. Under "shard_map" the model's BatchNorm names
+`axis_name` ("batch"), so its `psum` spans one group. Under "jit" the model names no axis: the step reshapes
+the batch to `(groups, rows per group, ...)` and `jax.vmap`s the model over groups with
+`spmd_axis_name=group_axis`, so each group is normalized with its own statistics and XLA reduces them over
+"batch" only.
+
+Many processes: nothing changes. `batch_mesh()` spans every process's devices; each process passes the same
+state to `replicate` and only its own rows (`process_batch_rows`) to `shard_batch(..., process_local=True)`.
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
@@ -192,19 +208,53 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_x, *, rng
 # ------------------------------------------------------------------------------------------------------
 
 
-def batch_mesh(devices: Sequence[Device] | None = None, axis_name: str = "batch") -> Mesh:
-  """A one-dimensional `Mesh` named `axis_name` over `devices` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (axis_name,))
+def batch_mesh(
+  devices: Sequence[Device] | None = None,
+  axis_name: str = "batch",
+  *,
+  group_size: int | None = None,
+  group_axis: str = "group",
+) -> Mesh:
+  """A `Mesh` over `devices` (default: every device of every process) to split the batch over.
+
+  Args:
+    devices: the devices, in order (processes' devices contiguous, as `jax.devices()` lists them).
+    axis_name: the name of the batch axis.
+    group_size: None for a one-dimensional mesh `(axis_name,)`; k for a 2-D mesh `(group_axis, axis_name)`
+      of `len(devices) // k` groups of k consecutive devices (see `make_train_step(group_axis=...)`).
+    group_axis: the name of the group axis.
+
+  Returns:
+    The mesh.
+  """
+  grid = np.asarray(jax.devices() if devices is None else list(devices))
+  if group_size is None:
+    return Mesh(grid, (axis_name,))
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or grid.size % group_size:
+    raise ValueError(f"group_size must be a positive divisor of the {grid.size} devices, got {group_size!r}")
+  return Mesh(grid.reshape(-1, group_size), (group_axis, axis_name))
 
 
-def _check_mesh_axis(mesh: Mesh, axis_name: str, arg: str = "mesh") -> None:
+def _axes(axis_name) -> tuple[str, ...]:
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _check_mesh_axis(mesh: Mesh, axis_name, arg: str = "mesh") -> None:
   if not isinstance(mesh, Mesh):
     raise TypeError(f"{arg} must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-  if axis_name not in mesh.axis_names:
+  missing = [a for a in _axes(axis_name) if a not in mesh.axis_names]
+  if missing:
     raise ValueError(
-      f"{arg} has axes {mesh.axis_names}, expected one named axis_name={axis_name!r} to split the batch over"
+      f"{arg} has axes {mesh.axis_names}, expected one named axis_name={missing[0]!r} to split the batch over"
     )
+
+
+def _axis_size(mesh: Mesh, axis_name) -> int:
+  return int(np.prod([mesh.shape[a] for a in _axes(axis_name)]))
+
+
+def _batch_spec(axis_name) -> P:
+  return P(axis_name if isinstance(axis_name, str) else tuple(axis_name))
 
 
 def _pmap_devices(target) -> list[Device]:
@@ -265,16 +315,14 @@ def replicate(
       return jax.tree.map(lambda a: _place(a, replicated), tree)
     if not isinstance(tree, TrainState):
       raise TypeError(f"per_device_batch_stats=True needs a TrainState, got {type(tree).__name__}")
-    size = mesh_or_devices.shape[axis_name]
-    split = NamedSharding(mesh_or_devices, P(axis_name))
+    size = _axis_size(mesh_or_devices, axis_name)
+    split = NamedSharding(mesh_or_devices, _batch_spec(axis_name))
     stacked = jax.tree.map(lambda a: _place(jnp.broadcast_to(a, (size,) + jnp.shape(a)), split), tree.batch_stats)
     placed = jax.tree.map(lambda a: _place(a, replicated), tree._replace(batch_stats=None))
     return placed._replace(batch_stats=stacked)
   devices = _pmap_devices(mesh_or_devices)
   sharding = _pmap_sharding(devices, axis_name)
-  return jax.tree.map(
-    lambda a: jax.device_put(jnp.broadcast_to(a, (len(devices),) + jnp.shape(a)), sharding), tree
-  )
+  return jax.tree.map(lambda a: jax.device_put(jnp.broadcast_to(a, (len(devices),) + jnp.shape(a)), sharding), tree)
 
 
 def unreplicate(tree: PyTree) -> PyTree:
@@ -293,13 +341,12 @@ def process_batch_rows(global_batch_size: int, mesh: Mesh, *, axis_name: str = "
       are not one contiguous block (a mesh whose device order interleaves processes).
   """
   _check_mesh_axis(mesh, axis_name)
-  size = mesh.shape[axis_name]
+  size = _axis_size(mesh, axis_name)
   if global_batch_size % size:
     raise ValueError(
-      f"global_batch_size={global_batch_size} must be divisible by the {size} devices of mesh axis "
-      f"{axis_name!r}"
+      f"global_batch_size={global_batch_size} must be divisible by the {size} devices of mesh axis {axis_name!r}"
     )
-  indices = NamedSharding(mesh, P(axis_name)).addressable_devices_indices_map((global_batch_size,))
+  indices = NamedSharding(mesh, _batch_spec(axis_name)).addressable_devices_indices_map((global_batch_size,))
   slices = [index[0] for index in indices.values() if index is not None]
   rows = sorted({(s.start or 0, global_batch_size if s.stop is None else s.stop) for s in slices})
   start, stop = rows[0][0], rows[-1][1]
@@ -334,8 +381,8 @@ def shard_batch(
   if isinstance(mesh_or_devices, Mesh):
     mesh = mesh_or_devices
     _check_mesh_axis(mesh, axis_name, "mesh_or_devices")
-    sharding = NamedSharding(mesh, P(axis_name))
-    size = mesh.shape[axis_name]
+    sharding = NamedSharding(mesh, _batch_spec(axis_name))
+    size = _axis_size(mesh, axis_name)
     num_processes = len({d.process_index for d in mesh.devices.flat})
 
     def place(a):
@@ -372,11 +419,23 @@ def shard_batch(
 # ------------------------------------------------------------------------------------------------------
 
 
-def _check_parallel(parallel, mesh, axis_name, model) -> None:
+def _check_parallel(parallel, mesh, axis_name, model, group_axis=None) -> None:
   if parallel not in _PARALLEL_MODES:
     raise ValueError(f"parallel must be one of {_PARALLEL_MODES}, got {parallel!r}")
   if parallel is not None and not isinstance(axis_name, str):
     raise TypeError(f"axis_name must be a str, got {axis_name!r}")
+  if group_axis is not None:
+    if parallel not in ("jit", "shard_map"):
+      raise ValueError(
+        f"group_axis={group_axis!r} needs parallel='jit' or 'shard_map', got parallel={parallel!r} (under pmap, "
+        "build the BatchNorm with axis_index_groups)"
+      )
+    if mesh is None or group_axis not in mesh.axis_names or group_axis == axis_name:
+      axes = None if mesh is None else mesh.axis_names
+      raise ValueError(
+        f"group_axis={group_axis!r} must name a mesh axis other than axis_name={axis_name!r}; got mesh axes "
+        f"{axes} (e.g. batch_mesh(group_size=k))"
+      )
   if mesh is not None:
     if parallel is None:
       raise ValueError("mesh is only used with parallel='pmap', 'shard_map' or 'jit'; got parallel=None")
@@ -455,6 +514,32 @@ def _step_fn(model, tx, loss_fn, *, axis_name, sync_batch_stats):
   return step
 
 
+def _grouped_step_fn(model, tx, loss_fn, *, num_groups, group_axis):
+  """The sharded-jit step whose BatchNorm statistics are per group: the model `vmap`ped over groups."""
+
+  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    grouped = jax.tree.map(lambda a: a.reshape((num_groups, a.shape[0] // num_groups) + a.shape[1:]), batch)
+    rng, dropout_rng = jax.random.split(state.rng)
+    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_groups))
+
+    def objective(params):
+      def one_group(rows, key):
+        return _local_metrics(model, loss_fn, params, state.batch_stats, rows, train=True, dropout_rng=key)
+
+      # spmd_axis_name: the vmapped axis is the mesh's group axis, so XLA reduces each group's
+      # statistics over its own devices only.
+      metrics, batch_stats = jax.vmap(one_group, spmd_axis_name=group_axis)(grouped, keys)
+      metrics = jax.tree.map(jnp.mean, metrics)  # groups hold equal numbers of rows
+      return metrics["loss"], (metrics, jax.tree.map(lambda a: jnp.mean(a, axis=0), batch_stats))
+
+    grads, (metrics, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, batch_stats, opt_state, rng), metrics
+
+  return step
+
+
 def _eval_fn(model, loss_fn, *, axis_name):
   def evaluate(state: TrainState, batch) -> dict[str, jax.Array]:
     n_local = jnp.float32(_num_examples(batch))
@@ -482,6 +567,7 @@ def make_train_step(
   sync_batch_stats: bool = True,
   donate: bool = True,
   jit: bool = True,
+  group_axis: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `train_step(state, (x, labels)) -> (state, metrics)`.
 
@@ -508,11 +594,14 @@ def make_train_step(
     donate: donate the input state's buffers to the output (the input state must not be used afterwards).
     jit: False returns the pure, un-jitted step for `parallel=None` or "shard_map" (e.g. to `jax.vmap` it
       over seeds, or to compose it into a larger jitted function).
+    group_axis: for "jit" and "shard_map", a second mesh axis the batch is split over (batch spec
+      `P((group_axis, axis_name))`); BatchNorm statistics are then per group of devices along `axis_name`
+      (see the module docstring; `batch_mesh(group_size=k)`). Dropout masks differ between the two modes.
 
   Returns:
     The step function.
   """
-  _check_parallel(parallel, mesh, axis_name, model)
+  _check_parallel(parallel, mesh, axis_name, model, group_axis)
   if not jit and parallel in ("pmap", "jit"):
     raise ValueError(f"jit=False is only available for parallel=None or 'shard_map', got parallel={parallel!r}")
   donate_argnums = (0,) if donate else ()
@@ -521,31 +610,37 @@ def make_train_step(
     step = _step_fn(model, tx, loss_fn, axis_name=None, sync_batch_stats=sync_batch_stats)
     return jax.jit(step, donate_argnums=donate_argnums) if jit else step
 
+  batch_axes = axis_name if group_axis is None else (group_axis, axis_name)
   if parallel == "jit":
     mesh = _default_mesh(mesh, axis_name)
-    step = _step_fn(model, tx, loss_fn, axis_name=None, sync_batch_stats=sync_batch_stats)
+    if group_axis is None:
+      step = _step_fn(model, tx, loss_fn, axis_name=None, sync_batch_stats=sync_batch_stats)
+    else:
+      step = _grouped_step_fn(model, tx, loss_fn, num_groups=mesh.shape[group_axis], group_axis=group_axis)
     replicated = NamedSharding(mesh, P())
     return jax.jit(
       step,
-      in_shardings=(replicated, NamedSharding(mesh, P(axis_name))),
+      in_shardings=(replicated, NamedSharding(mesh, _batch_spec(batch_axes))),
       out_shardings=(replicated, replicated),
       donate_argnums=donate_argnums,
     )
 
-  local_step = _step_fn(model, tx, loss_fn, axis_name=axis_name, sync_batch_stats=sync_batch_stats)
+  # Gradients, metrics and running statistics reduce over every device; the model's BatchNorm over axis_name.
+  local_step = _step_fn(model, tx, loss_fn, axis_name=batch_axes, sync_batch_stats=sync_batch_stats)
 
   if parallel == "pmap":
     devices = _pmap_devices(mesh)
-    return jax.pmap(
-      local_step, axis_name=axis_name, devices=devices, out_axes=(0, None), donate_argnums=donate_argnums
-    )
+    return jax.pmap(local_step, axis_name=axis_name, devices=devices, out_axes=(0, None), donate_argnums=donate_argnums)
 
   # shard_map. check_vma=False: pmap's semantics, where the gradient of replicated parameters is each
   # device's own and the psum above makes it global (with varying-axis checks JAX would insert that psum
   # itself, and the explicit one would count it twice).
   mesh = _default_mesh(mesh, axis_name)
   per_device = not sync_batch_stats
-  state_specs = TrainState._make([P()] * len(TrainState._fields))._replace(batch_stats=P(axis_name) if per_device else P())
+  per_device_spec = _batch_spec(batch_axes)
+  state_specs = TrainState._make([P()] * len(TrainState._fields))._replace(
+    batch_stats=per_device_spec if per_device else P()
+  )
 
   def shard_step(state, batch):
     if per_device:  # each device holds its (1, ...) slice of the stacked per-device statistics
@@ -558,7 +653,7 @@ def make_train_step(
   sharded = jax.shard_map(
     shard_step,
     mesh=mesh,
-    in_specs=(state_specs, P(axis_name)),
+    in_specs=(state_specs, _batch_spec(batch_axes)),
     out_specs=(state_specs, P()),
     check_vma=False,
   )
@@ -573,6 +668,7 @@ def make_eval_step(
   mesh: Mesh | None = None,
   axis_name: str = "batch",
   jit: bool = True,
+  group_axis: str | None = None,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Builds `eval_step(state, (x, labels)) -> metrics`, the model in evaluation mode (running statistics).
 
@@ -582,7 +678,8 @@ def make_eval_step(
   trained with `sync_batch_stats=False`, pick one device's statistics first, e.g.
   `state._replace(batch_stats=unreplicate(state.batch_stats))`.
   """
-  _check_parallel(parallel, mesh, axis_name, model)
+  _check_parallel(parallel, mesh, axis_name, model, group_axis)
+  batch_spec = _batch_spec(axis_name if group_axis is None else (group_axis, axis_name))
   if not jit and parallel in ("pmap", "jit"):
     raise ValueError(f"jit=False is only available for parallel=None or 'shard_map', got parallel={parallel!r}")
   if parallel is None:
@@ -593,12 +690,12 @@ def make_eval_step(
     evaluate = _eval_fn(model, loss_fn, axis_name=None)
     return jax.jit(
       evaluate,
-      in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(axis_name))),
+      in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, batch_spec)),
       out_shardings=NamedSharding(mesh, P()),
     )
-  evaluate = _eval_fn(model, loss_fn, axis_name=axis_name)
+  evaluate = _eval_fn(model, loss_fn, axis_name=axis_name if group_axis is None else (group_axis, axis_name))
   if parallel == "pmap":
     return jax.pmap(evaluate, axis_name=axis_name, devices=_pmap_devices(mesh), out_axes=None)
   mesh = _default_mesh(mesh, axis_name)
-  sharded = jax.shard_map(evaluate, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=P(), check_vma=False)
+  sharded = jax.shard_map(evaluate, mesh=mesh, in_specs=(P(), batch_spec), out_specs=P(), check_vma=False)
   return jax.jit(sharded) if jit else sharded

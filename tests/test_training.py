@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import bnjax.nn
-from bnjax import models, training
+from bnjax import models
+from bnjax import training
 
 NUM_STEPS = 20
 GLOBAL_BATCH = 32
@@ -77,7 +78,7 @@ def run(parallel, model, *, sync_batch_stats=True):
   return state, history
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference():
   """One device on the global batch."""
   return run(None, make_model())
@@ -233,8 +234,8 @@ def test_unjitted_step_vmaps_over_seeds():
     state = training.create_train_state(model, TX, xs[0], rng=key)
     for i in range(2):
       state, m = single(state, (xs[i], ys[i]))
-    assert_trees_close(jax.tree.map(lambda a: a[s], states), state)
-    assert_trees_close(jax.tree.map(lambda a: a[s], metrics), m)
+    assert_trees_close(jax.tree.map(lambda a, s=s: a[s], states), state)
+    assert_trees_close(jax.tree.map(lambda a, s=s: a[s], metrics), m)
 
 
 class DropoutNet(nn.Module):
@@ -326,3 +327,49 @@ def test_argument_errors():
   step = training.make_train_step(model, TX, loss_fn=lambda logits, labels: jnp.zeros(3), donate=False)
   with pytest.raises(ValueError, match="scalar"):
     step(initial_state(), (xs[0], ys[0]))
+
+
+GROUP_SIZE = 4  # two groups of 4 of the 8 devices
+
+
+def run_grouped(parallel, num_steps=NUM_STEPS):
+  """`run` on a 2-D mesh ("group", "batch"): BatchNorm statistics per group of GROUP_SIZE devices."""
+  mesh = training.batch_mesh(group_size=GROUP_SIZE)
+  model = make_model("batch" if parallel == "shard_map" else None)
+  step = training.make_train_step(model, TX, parallel=parallel, mesh=mesh, group_axis="group")
+  state = training.replicate(initial_state(), mesh)
+  xs, ys = batches()
+  for x, y in zip(xs[:num_steps], ys[:num_steps]):
+    state, _ = step(state, training.shard_batch((x, y), mesh, axis_name=("group", "batch")))
+  return state
+
+
+def test_group_statistics_one_step_is_the_mean_of_each_group_alone():
+  """One step with per-group statistics = the mean of one-device steps on each group's rows (SGD is linear)."""
+  xs, ys = batches()
+  step = training.make_train_step(make_model(), TX, donate=False)
+  rows = GLOBAL_BATCH // 2
+  alone = [step(initial_state(), (xs[0][g * rows:(g + 1) * rows], ys[0][g * rows:(g + 1) * rows]))[0] for g in (0, 1)]
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, alone[0]._replace(rng=None), alone[1]._replace(rng=None))
+  for parallel in ("jit", "shard_map"):
+    assert_trees_close(run_grouped(parallel, num_steps=1)._replace(rng=None), expected)
+
+
+def test_group_statistics_agree_under_jit_and_shard_map():
+  """20 steps: the vmapped sharded-jit step and shard_map's BatchNorm psum over "batch" agree, and differ
+  from statistics over the whole batch."""
+  by_jit, by_shard_map = run_grouped("jit"), run_grouped("shard_map")
+  assert_trees_close(by_jit, by_shard_map)
+  global_stats, _ = reference()
+  moved = host(by_jit.batch_stats)["BatchNorm_0"]["mean"] - host(global_stats.batch_stats)["BatchNorm_0"]["mean"]
+  assert np.abs(moved).max() > 1e-4
+
+
+def test_group_axis_errors():
+  mesh = training.batch_mesh(group_size=GROUP_SIZE)
+  with pytest.raises(ValueError, match="group_axis='group' needs parallel='jit' or 'shard_map'"):
+    training.make_train_step(make_model(), TX, parallel="pmap", group_axis="group")
+  with pytest.raises(ValueError, match="group_axis='rows' must name a mesh axis"):
+    training.make_train_step(make_model(), TX, parallel="jit", mesh=mesh, group_axis="rows")
+  with pytest.raises(ValueError, match="group_size must be a positive divisor of the 8 devices, got 3"):
+    training.batch_mesh(group_size=3)
