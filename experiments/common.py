@@ -33,11 +33,26 @@ ACTIVATIONS = {"relu": linen.relu, "sigmoid": linen.sigmoid, "tanh": jnp.tanh}
 # Data, models, optimizers.
 
 
-def load_data(config, *, dataset: str | None = None, standardize: bool | None = None):
-  """The config's dataset (split with ``config.seed``), optionally another one or standardized."""
+def load_data(config, *, dataset: str | None = None, standardize: bool | None = None, seed: int | None = None):
+  """The config's dataset (split with ``config.seed`` or ``seed``), optionally another one or standardized."""
   return data_lib.load_dataset(
-      dataset or config.dataset, data_dir=config.data_dir or None, seed=config.seed,
+      dataset or config.dataset, data_dir=config.data_dir or None, seed=config.seed if seed is None else seed,
       standardize=config.standardize if standardize is None else standardize)
+
+
+def load_replicates(config, seeds: Sequence[int], *, dataset: str | None = None, standardize: bool | None = None):
+  """With ``config.split_per_seed``: model ``i``'s split drawn with ``seeds[i]``, stacked on a leading axis.
+
+  Each split's ``x`` is ``(M, N, ...)`` and ``y`` ``(M, N)`` (split sizes depend on the row count only), so
+  intervals over seeds include test-set variance; ``age_salary`` also redraws its rows. Without the switch:
+  `load_data`, one split for every model.
+  """
+  if not config.get("split_per_seed", False):
+    return load_data(config, dataset=dataset, standardize=standardize)
+  drawn = {s: load_data(config, dataset=dataset, standardize=standardize, seed=s) for s in sorted(set(seeds))}
+  stack = lambda name: data_lib.Split(np.stack([getattr(drawn[s], name).x for s in seeds]),
+                                      np.stack([getattr(drawn[s], name).y for s in seeds]))
+  return drawn[seeds[0]]._replace(train=stack("train"), val=stack("val"), test=stack("test"))
 
 
 def kernel_init(init_stddev: float):
@@ -271,10 +286,12 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
   seeds = [int(s) for s in seeds]
   num_models = len(seeds)
   train = dataset.train
+  stacked = train.y.ndim == 2  # One split per model (`load_replicates`).
+  num_rows = train.y.shape[-1]
   train_x, train_y = jnp.asarray(train.x), jnp.asarray(train.y)
   splits = {name: getattr(dataset, name) for name in eval_splits}
-  splits = {k: (jnp.asarray(s.x), jnp.asarray(s.y)) for k, s in splits.items() if len(s.y)}
-  states = init_states(model, tx, train_x[:batch_size], seeds, learning_rates)
+  splits = {k: (jnp.asarray(s.x), jnp.asarray(s.y)) for k, s in splits.items() if s.y.shape[-1]}
+  states = init_states(model, tx, (train_x[0] if stacked else train_x)[:batch_size], seeds, learning_rates)
   sharding = None
   if num_devices > 1:
     if num_models % num_devices:
@@ -289,7 +306,8 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
 
   def run_chunk(states, x, y, rows):  # rows: (steps, models, batch)
     def body(states, rows_t):
-      states, metrics = jax.vmap(step_fn)(states, (x[rows_t], y[rows_t]))
+      batch = jax.vmap(lambda xs, ys, r: (xs[r], ys[r]))(x, y, rows_t) if stacked else (x[rows_t], y[rows_t])
+      states, metrics = jax.vmap(step_fn)(states, batch)
       return states, metrics["loss"]
     states, losses = jax.lax.scan(body, states, rows)
     bad = ~jnp.isfinite(losses)
@@ -299,7 +317,7 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
   def evaluate(states, split_arrays):
     out = {}
     for name, (x, y) in split_arrays.items():
-      metrics = jax.vmap(eval_fn, in_axes=(0, None, None))(states, x, y)
+      metrics = jax.vmap(eval_fn, in_axes=(0, 0, 0) if stacked else (0, None, None))(states, x, y)
       out[f"{name}_loss"], out[f"{name}_accuracy"] = metrics["loss"], metrics["accuracy"]
     if probe is not None:
       out.update(jax.vmap(probe)(states))
@@ -335,7 +353,7 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
       bar.update(start)
       last = start
       for end in (b for b in _boundaries(num_steps, eval_every, checkpoint_every) if b > start):
-        rows = np.stack([batch_rows(len(train.y), batch_size, s, last, end - last) for s in seeds], axis=1)
+        rows = np.stack([batch_rows(num_rows, batch_size, s, last, end - last) for s in seeds], axis=1)
         states, train_loss, first_bad, finite = run_chunk(states, train_x, train_y, jnp.asarray(rows))
         new = _newly_diverged(diverged_at, jax.device_get(first_bad), jax.device_get(finite), last, end)
         if new:
@@ -437,6 +455,59 @@ def paired_ci(a, b, *, confidence: float = 0.95) -> dict:
     return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
   half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * diff.std(ddof=1) / math.sqrt(n))
   return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def mean_ci(values, *, confidence: float = 0.95) -> dict:
+  """The mean of ``values`` (1-D) and its Student-t confidence interval (NaN bounds for one value)."""
+  values = np.asarray(values, np.float64)
+  return paired_ci(values, np.zeros_like(values), confidence=confidence)
+
+
+def paired_test(a, b, *, confidence: float = 0.95) -> dict:
+  """`paired_ci` of ``a - b`` plus the two-sided paired t-test's p-value (``p``)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  ci = paired_ci(a, b, confidence=confidence)
+  diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if diff.size < 2:
+    p = float("nan")
+  elif diff.std(ddof=1) == 0:  # No spread: certain if the mean moved, no evidence if it did not.
+    p = 1.0 if diff.mean() == 0 else 0.0
+  else:
+    p = float(stats.ttest_1samp(diff, 0.0).pvalue)
+  return {**ci, "p": p}
+
+
+def holm(pvalues: Sequence[float]) -> list:
+  """Holm's step-down adjusted p-values (family-wise error control; Holm 1979), in the given order."""
+  p = np.asarray(pvalues, np.float64)
+  k = p.size
+  order = np.argsort(p, kind="stable")
+  adjusted = np.empty(k)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (k - rank) * p[i]))
+    adjusted[i] = running
+  return adjusted.tolist()
+
+
+def corrected_tests(pairs: dict, *, confidence: float = 0.95) -> dict:
+  """Paired tests of each ``name -> (a, b)`` of one family, corrected for the family's ``k`` comparisons.
+
+  Each entry: `paired_test` at the Bonferroni level ``1 - (1 - confidence) / k`` (so all ``k`` intervals
+  hold together with probability ``confidence``), ``p`` the raw p-value and ``p_holm`` Holm's adjusted one.
+  """
+  k = max(len(pairs), 1)
+  level = 1.0 - (1.0 - confidence) / k
+  tests = {name: paired_test(a, b, confidence=level) for name, (a, b) in pairs.items()}
+  for name, p_holm in zip(tests, holm([t["p"] for t in tests.values()]), strict=True):
+    tests[name].update(p_holm=p_holm, confidence=level, family=k)
+  return tests
+
+
+def fmt_ci(ci: dict, scale: float = 100.0, digits: int = 2) -> str:
+  """``+m [+lo, +hi]`` (points when ``scale`` is 100)."""
+  return (f"{scale * ci['mean']:+.{digits}f} [{scale * ci['low']:+.{digits}f}, "
+          f"{scale * ci['high']:+.{digits}f}]")
 
 
 def first_step_reaching(steps, values, target: float) -> float:

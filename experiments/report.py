@@ -3,6 +3,10 @@
 ``python -m experiments report`` takes the latest finished run of each experiment under the workdir,
 copies its plots to the tracked ``experiments/results/<name>/``, writes ``experiments/results/README.md``
 and rewrites the README between ``<!-- section:experiments -->`` and ``<!-- /section:experiments -->``.
+A run from a dirty tree (or one whose code version is unknown) or with ``--config`` overrides is refused
+unless allowed (``allow_dirty``, ``allow_overrides``); the page names each published run folder, its commit,
+its pre-registration version and the machine its seconds were measured on, and lists every finished run of
+an experiment when their verdicts differ.
 
 A run folder is not trusted: its ``summary.json`` is checked field by field (the experiment must be the
 one whose folder holds it, plots plain ``.png`` names), every file read must lie inside its run folder
@@ -28,47 +32,77 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-impo
 
 from experiments import config_parsing  # noqa: E402  pylint: disable=g-import-not-at-top
 from experiments import files  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import provenance  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SECTION_START = "<!-- section:experiments -->"
 SECTION_END = "<!-- /section:experiments -->"
+# One colour per arm across every figure of the study: BN before the activation (bn, pre, hidden_bn) is blue
+# everywhere, no BN grey; inference's statistics have their own.
 ARM_COLORS = {"none": "tab:gray", "bn": "tab:blue", "pre": "tab:blue", "post": "tab:orange",
-              "input_bn": "tab:green", "hidden_bn": "tab:blue", "standardized": "tab:purple"}
+              "input_bn": "tab:green", "hidden_bn": "tab:blue", "standardized": "tab:purple",
+              "majority": "black", "running_biased": "tab:gray", "running_unbiased": "tab:brown",
+              "population_alg2": "tab:blue", "precise_bn": "tab:red", "whole_split": "tab:green"}
+PNG_DPI = 160
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Plots.
 
 
-def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2):
-  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2, title: str = ""):
+  """A grid of axes; ``title`` (the setup: data, model, optimizer, steps, seeds) heads the figure."""
+  extra = 0.45 if title else 0.0
+  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + extra), squeeze=False)
+  if title:
+    fig.suptitle(title, fontsize="medium")
   return fig, axes
 
 
-def band(ax, steps, values, *, label: str, color: str | None = None, logy: bool = False):
-  """The mean over models (axis 1 of ``values``, shape ``(T, M)``) with a +- 1 standard-error band."""
+def band(ax, steps, values, *, label: str, color: str | None = None, logy: bool = False,
+         interval: str = "ci", linestyle: str = "-") -> str:
+  """The mean over models (axis 1 of ``values``, ``(T, M)``) with a 95% CI (``"ci"``) or +-1 s.e. band.
+
+  Returns what the band is, e.g. "bands: 95% CI over 10 seeds", for the legend's title. With ``logy`` the
+  mean and band are taken over log10 of the values (geometric mean).
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   values = np.asarray(values, np.float64)
   if logy:
     values = np.log10(values)
   mean = np.nanmean(values, axis=1)
   n = values.shape[1]
   se = np.nanstd(values, axis=1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
+  half = se * (stats.t.ppf(0.975, n - 1) if interval == "ci" and n > 1 else 1.0)
   color = color or ARM_COLORS.get(label)
+  low, high = mean - half, mean + half
   if logy:
-    ax.plot(steps, 10**mean, label=label, color=color)
-    ax.fill_between(steps, 10**(mean - se), 10**(mean + se), alpha=0.25, color=color, linewidth=0)
+    mean, low, high = 10**mean, 10**low, 10**high
     ax.set_yscale("log")
-  else:
-    ax.plot(steps, mean, label=label, color=color)
-    ax.fill_between(steps, mean - se, mean + se, alpha=0.25, color=color, linewidth=0)
+  ax.plot(steps, mean, label=label, color=color, linestyle=linestyle)
+  ax.fill_between(steps, low, high, alpha=0.25, color=color, linewidth=0)
+  return f"bands: {'95% CI' if interval == 'ci' else '±1 s.e.'} over {n} seeds"
 
 
 def save(fig, run, name: str) -> str:
-  """Saves ``fig`` as ``<run dir>/<name>.png`` and returns the file name."""
+  """Saves ``fig`` as ``<run dir>/<name>.png`` (``PNG_DPI``) and ``<name>.svg``; returns the PNG's name."""
   fig.tight_layout()
   filename = f"{name}.png"
-  fig.savefig(run.path(filename), dpi=90)
+  fig.savefig(run.path(filename), dpi=PNG_DPI)
+  fig.savefig(run.path(f"{name}.svg"))
   plt.close(fig)
   return filename
+
+
+def differences(ax, labels: Sequence[str], cis: Sequence[dict], *, title: str, xlabel: str,
+                color: str = "k", scale: float = 100.0) -> None:
+  """Paired differences as points with their interval bars (one row each), and the zero line."""
+  y = np.arange(len(labels))[::-1]
+  means = np.array([scale * c["mean"] for c in cis])
+  err = np.array([[scale * (c["mean"] - c["low"]), scale * (c["high"] - c["mean"])] for c in cis]).T
+  ax.errorbar(means, y, xerr=err, fmt="o", color=color, capsize=3)
+  ax.axvline(0.0, color="k", linewidth=0.8, linestyle="--", label="no difference")
+  ax.set_yticks(y, labels, fontsize="small")
+  ax.set(title=title, xlabel=xlabel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,8 +176,9 @@ def run_markdown(summary: dict, config_json: dict) -> str:
   parts = [f"# {text(summary['experiment'])}: {text(summary['title'])}", "",
            f"Run {code(summary['run_dir'])}{' (quick form)' if summary['quick'] else ''}, finished "
            f"{text(summary['finished_utc'])} in {summary['wall_seconds']:.0f} s on "
-           f"{text(env['backend'])} ({text(env['devices'])} devices).", "",
+           f"{text(env['backend'])} ({text(provenance.plural(env['devices'], 'device'))}).", "",
            f"**Criterion** (fixed in the config before the run): {text(summary['criterion'])}", "",
+           *([provenance_line(summary["provenance"]), ""] if summary.get("provenance") else []),
            f"**Verdict**: {verdict_word(summary)}. {text(summary['verdict']['reason'])}", ""]
   if summary.get("notes"):
     parts += [text(summary["notes"]), ""]
@@ -156,13 +191,39 @@ def run_markdown(summary: dict, config_json: dict) -> str:
   return "\n".join(parts)
 
 
+def plain(line: str) -> str:
+  """``line`` without reST markup: ````code```` and ```ref``` become their text."""
+  return re.sub(r"`{1,2}([^`]+)`{1,2}", r"\1", line)
+
+
 def list_text() -> str:
   lines = []
   for name in config_parsing.EXPERIMENTS:
     module = config_parsing.config_module(name)
     doc = (module.__doc__ or "").strip().splitlines()[0]
-    lines.append(f"{name:15s} {doc.split(': ', 1)[-1]}")
+    lines.append(f"{name:15s} {plain(doc.split(': ', 1)[-1])}")
   return "\n".join(lines)
+
+
+def provenance_line(prov: dict) -> str:
+  """One line naming the code (commit, dirty files), the overrides and the pre-registration a run used."""
+  git = prov.get("git") or {}
+  if not git.get("available"):
+    code_state = f"code version unknown ({text(git.get('reason') or 'not recorded')})"
+  else:
+    dirty = git.get("dirty_files") or []
+    changed = f"dirty: {', '.join(code(f) for f in dirty[:5])}{' ...' if len(dirty) > 5 else ''}" if dirty else "clean"
+    code_state = f"commit {code(str(git.get('commit'))[:12])} ({changed})"
+  overrides = prov.get("overrides") or []
+  given = ", ".join(code(o) for o in overrides) if overrides else "none"
+  pre = prov.get("preregistration") or {}
+  if pre.get("version") is None:
+    registered = "no pre-registration record"
+  else:
+    match = "matches" if pre.get("criterion_matches") else "differs from"
+    registered = (f"pre-registration version {text(pre['version'])} ({code(str(pre.get('digest'))[:12])}; the "
+                  f"run's criterion {match} it)")
+  return f"Provenance: {code_state}; overrides: {given}; {registered}."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,9 +243,13 @@ python -m experiments all --quick                # every experiment in its secon
 python -m experiments report                     # rebuild this section from the latest runs
 ```
 
-Each criterion below was written into the experiment's config (`experiments/configs/<name>.py`) before it
-ran; the verdict is computed from the recorded metrics and reported whichever way it goes. Numbers are
-mean ± standard error over seeds unless a row says otherwise.
+Each criterion below is in the experiment's config (`experiments/configs/<name>.py`) and in its
+pre-registration record (`experiments/preregistration/<name>.toml`: hypothesis, metric, arms, seeds,
+threshold, and pilot runs with their results, one version per change; the first versions were
+reconstructed from git history). The verdict is computed from the recorded metrics and reported whichever
+way it goes. Each section names the run it shows (folder, commit, pre-registration version); when runs of
+an experiment disagree, all of them are listed. Numbers are mean ± standard error over seeds unless a row
+says otherwise.
 """
 
 
@@ -207,6 +272,7 @@ class _Run:
     self.summary = summary
     self.summary_bytes = summary_bytes
     self.plots = plots
+    self.siblings: list = []  # Every finished run of the experiment, when their verdicts differ.
 
 
 def _read_inside(folder: pathlib.Path, name: str) -> bytes:
@@ -288,6 +354,8 @@ def _check_summary(summary, name: str, where: pathlib.Path) -> dict:
   env = summary.get("environment")
   _check(isinstance(env, dict) and all(isinstance(env.get(k), _SCALAR) and k in env for k in _REQUIRED_ENVIRONMENT),
          where, "environment", env, f"an object with {', '.join(_REQUIRED_ENVIRONMENT)}")
+  if "provenance" in summary:
+    _check_provenance(summary["provenance"], where)
   tables = summary.get("tables")
   _check(isinstance(tables, list), where, "tables", tables, "a list")
   for i, table in enumerate(tables):
@@ -299,6 +367,79 @@ def _check_summary(summary, name: str, where: pathlib.Path) -> dict:
            "the name of a .png file in the run folder (letters, digits, '.', '_', '-'; no folder)")
   _check(len(set(plots)) == len(plots), where, "plots", plots, "no name twice")
   return summary
+
+
+def _is_text_list(value) -> bool:
+  return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_provenance(prov, where: pathlib.Path) -> None:
+  """The fields of a summary's ``provenance`` the report reads, checked like the rest of the summary."""
+  _check(isinstance(prov, dict), where, "provenance", prov, "an object")
+  git = prov.get("git")
+  _check(isinstance(git, dict) and isinstance(git.get("available"), bool), where, "provenance.git", git,
+         "an object with available (true or false)")
+  _check(isinstance(git.get("commit"), (str, type(None))), where, "provenance.git.commit", git.get("commit"),
+         "a string or null")
+  _check(isinstance(git.get("dirty"), (bool, type(None))), where, "provenance.git.dirty", git.get("dirty"),
+         "true, false or null")
+  _check(_is_text_list(git.get("dirty_files", [])), where, "provenance.git.dirty_files", git.get("dirty_files"),
+         "a list of file names")
+  _check(_is_text_list(prov.get("overrides")), where, "provenance.overrides", prov.get("overrides"),
+         "a list of KEY=VALUE strings")
+  machine = prov.get("machine")
+  _check(isinstance(machine, dict) and all(isinstance(v, _SCALAR) or (isinstance(v, list) and all(
+      _is_number(x) for x in v)) for v in machine.values()), where, "provenance.machine", machine,
+         "an object of strings and numbers")
+  pre = prov.get("preregistration")
+  _check(isinstance(pre, dict) and isinstance(pre.get("version"), (int, type(None)))
+         and isinstance(pre.get("digest"), (str, type(None))), where, "provenance.preregistration", pre,
+         "an object with version (a number or null) and digest (a string or null)")
+
+
+def _refusal(run: _Run, allow_dirty: bool, allow_overrides: bool) -> str | None:
+  """Why ``run`` may not be published without an allowance (None: it may)."""
+  prov = run.summary.get("provenance")
+  if prov is None:
+    return None  # Made before runs recorded provenance: published, and the page says it is not recorded.
+  git = prov["git"]
+  where = run.folder
+  if not allow_dirty and not git["available"]:
+    return (f"--workdir: {where}: its code version is unknown ({git.get('reason')}); expected a run from a git "
+            f"checkout at a clean commit (rerun it there, or pass --allow-dirty)")
+  if not allow_dirty and git.get("dirty"):
+    dirty = git.get("dirty_files") or []
+    return (f"--workdir: {where}: ran from a dirty tree ({len(dirty)} changed file(s): {', '.join(dirty[:5])}"
+            f"{' ...' if len(dirty) > 5 else ''}); expected a run from a clean commit (commit, rerun, or pass "
+            f"--allow-dirty)")
+  if not allow_overrides and prov["overrides"]:
+    return (f"--workdir: {where}: ran with overrides {prov['overrides']}; expected the config as committed "
+            f"(rerun without them, or pass --allow-overrides)")
+  return None
+
+
+def _sibling(directory: pathlib.Path, folder: pathlib.Path) -> dict:
+  """What the page lists of a finished run: folder, verdict, quick, commit, overrides (None: unreadable)."""
+  try:
+    summary = json.loads(_read_inside(folder, "summary.json"))
+    prov = summary.get("provenance") or {}
+    if not isinstance(summary["verdict"]["held"], bool):
+      raise TypeError("verdict.held")
+    return {"folder": directory, "held": summary["verdict"]["held"], "quick": summary.get("quick") is True,
+            "commit": (prov.get("git") or {}).get("commit"), "overrides": prov.get("overrides")}
+  except (ReportError, ValueError, KeyError, TypeError, AttributeError):
+    return {"folder": directory, "held": None, "quick": None, "commit": None, "overrides": None}
+
+
+def _siblings(workdir: pathlib.Path, name: str) -> list:
+  """Every finished run of ``name``, if their verdicts differ; else an empty list."""
+  from experiments import runner  # pylint: disable=g-import-not-at-top
+  finished = [d for d in runner.run_dirs(pathlib.Path(workdir), name) if (d / "summary.json").exists()]
+  inside = pathlib.Path(workdir).resolve()
+  listed = [_sibling(d, d.resolve()) if d.resolve().is_relative_to(inside) else _sibling(d, inside / ".outside")
+            for d in finished]
+  verdicts = {s["held"] for s in listed if s["held"] is not None}
+  return listed if len(verdicts) > 1 else []
 
 
 def _read_run(workdir: pathlib.Path, name: str, directory: pathlib.Path) -> _Run:
@@ -318,16 +459,47 @@ def _read_run(workdir: pathlib.Path, name: str, directory: pathlib.Path) -> _Run
   return _Run(name, directory, summary, raw, plots)
 
 
-def _latest_runs(workdir) -> list:
-  """The latest finished run of each experiment in ``workdir``, checked (see `_read_run`)."""
+def _latest_runs(workdir, *, allow_dirty: bool = False, allow_overrides: bool = False) -> list:
+  """The latest finished run of each experiment in ``workdir``, checked (see `_read_run`) and allowed."""
   from experiments import runner  # pylint: disable=g-import-not-at-top
   resolved = pathlib.Path(workdir).resolve()
   runs = []
   for name in config_parsing.EXPERIMENTS:
     directory = runner.latest_finished_run(pathlib.Path(workdir), name)
     if directory is not None:
-      runs.append(_read_run(resolved, name, directory))
+      run = _read_run(resolved, name, directory)
+      refusal = _refusal(run, allow_dirty, allow_overrides)
+      if refusal:
+        raise ReportError(refusal)
+      run.siblings = _siblings(workdir, name)
+      runs.append(run)
   return runs
+
+
+def _machine_of(summary: dict) -> str:
+  prov = summary.get("provenance")
+  if prov is None:
+    env = summary["environment"]
+    return (f"{text(env['cpus'])} CPUs, {text(env['backend'])}, "
+            f"{text(provenance.plural(env['devices'], 'device'))} (load not recorded)")
+  return text(provenance.machine_line(prov["machine"]))
+
+
+def _published_lines(run: _Run) -> list:
+  """Which run a section shows, its provenance and machine, and every run when their verdicts differ."""
+  s = run.summary
+  lines = [f"Published run {code(run.folder.as_posix())}, {text(s['wall_seconds'])} s on {_machine_of(s)}.", ""]
+  lines += [provenance_line(s["provenance"]) if s.get("provenance") else "Provenance: not recorded (a run "
+            "made before runs recorded their commit, overrides and pre-registration).", ""]
+  if run.siblings:
+    lines += [f"**Runs disagree**: {len(run.siblings)} finished runs of {run.name} have different verdicts:", ""]
+    for sib in run.siblings:
+      held = {True: "held", False: "not held", None: "unreadable"}[sib["held"]]
+      overrides = ", ".join(code(o) for o in sib["overrides"] or []) or "none"
+      lines.append(f"- {code(sib['folder'].as_posix())}: {held}{' (quick)' if sib['quick'] else ''}, commit "
+                   f"{code(str(sib['commit'])[:12])}, overrides {overrides}")
+    lines.append("")
+  return lines
 
 
 def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) -> str:
@@ -338,8 +510,13 @@ def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) 
   for run in runs:
     s = run.summary
     quick = " (quick)" if s["quick"] else ""
+    disagree = " (runs disagree)" if run.siblings else ""
     parts.append(f"| [{run.name}](#{run.name.replace('_', '-')}){quick} | {cell(s['criterion'])} | "
-                 f"{verdict_word(s)} | {s['wall_seconds']:.0f} |")
+                 f"{verdict_word(s)}{disagree} | {s['wall_seconds']:.0f} |")
+  machines = sorted({_machine_of(run.summary) for run in runs})
+  if machines:
+    parts.append(f"\nSeconds are each run's wall time, measured on: {'; or '.join(machines)} (the machine of "
+                 f"each run is in its section).")
   parts.append("")
   for run in runs:
     s = run.summary
@@ -353,9 +530,11 @@ def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) 
       parts.append(table_markdown(table))
     for plot in s["plots"]:
       parts += [image(f"{run.name} {plot}", f"{image_prefix}{run.name}/{plot}"), ""]
+    parts += _published_lines(run)
     env = s["environment"]
-    parts += [f"<sub>{text(env['backend'])}, {text(env['devices'])} device(s), {text(env['cpus'])} CPUs, "
-              f"jax {text(env['jax'])}; state_digest {code(s['state_digest'][:16])}</sub>", ""]
+    parts += [f"<sub>{text(env['backend'])}, {text(provenance.plural(env['devices'], 'device'))}, "
+              f"{text(env['cpus'])} CPUs, jax {text(env['jax'])}; state_digest {code(s['state_digest'][:16])}</sub>",
+              ""]
   return "\n".join(parts)
 
 
@@ -423,8 +602,8 @@ def _ready_results(results: pathlib.Path) -> None:
     raise ReportError(f"--results_dir: {results} is not a folder; expected a folder for the results")
 
 
-def build(*, workdir: str = "runs", results_dir: str = "experiments/results",
-          readme: str | None = "README.md") -> Sequence[pathlib.Path]:
+def build(*, workdir: str = "runs", results_dir: str = "experiments/results", readme: str | None = "README.md",
+          allow_dirty: bool = False, allow_overrides: bool = False) -> Sequence[pathlib.Path]:
   """Copies the latest runs' plots and summaries to ``results_dir`` and rewrites the README section.
 
   Every run is read and checked, and every new file written, before anything that exists is replaced.
@@ -433,6 +612,8 @@ def build(*, workdir: str = "runs", results_dir: str = "experiments/results",
     workdir: the folder of runs (``<workdir>/<experiment>/<UTC time>/``).
     results_dir: the tracked results folder; ``<results_dir>/<experiment>/`` is replaced for each run found.
     readme: the README whose section is rewritten, or None.
+    allow_dirty: publish runs from a dirty tree, or whose code version is unknown.
+    allow_overrides: publish runs made with ``--config`` overrides.
 
   Returns:
     The files written.
@@ -441,7 +622,7 @@ def build(*, workdir: str = "runs", results_dir: str = "experiments/results",
     ReportError: naming the run folder, file and field, the results folder or the README that is unusable.
   """
   results = pathlib.Path(results_dir)
-  runs = _latest_runs(workdir)
+  runs = _latest_runs(workdir, allow_dirty=allow_dirty, allow_overrides=allow_overrides)
   page = "# bnjax experiment results\n\n" + _results_markdown(runs, image_prefix="", heading="##")
   readme_path = pathlib.Path(readme) if readme else None
   readme_text = None
