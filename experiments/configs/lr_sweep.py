@@ -8,20 +8,22 @@ from experiments import configs
 
 def get_config(arg: str = ""):
   config = configs.training_config(
-      dataset="digits", num_steps=2000, batch_size=60, optimizer="sgd", num_seeds=5, eval_every=100,
+      dataset="digits", num_steps=2000, batch_size=60, optimizer="sgd", num_seeds=10, eval_every=100,
       hidden=(100, 100), activation="relu",
       drop=("norm",))  # The arms are no BN and BN before each activation.
   # Every model trains at one of these; `learning_rate` is not used.
-  config.learning_rates = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+  config.learning_rates = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+  config.split_per_seed = True  # Each seed its own data split (split seed = replicate seed).
   config.criterion = dict(
+      version=2,            # v1: BN reaches the target at >= 2 more grid points than no BN.
       target_accuracy=0.9,  # A grid point "reaches" it when the seeds' mean final test accuracy does.
-      min_extra_points=2,   # BN must reach it at this many more learning rates than no BN.
+      min_lr_ratio=3.0,     # BN's largest target-reaching learning rate is at least this times no BN's.
   )
   if arg == "quick":
     config.update(dict(num_steps=60, eval_every=30, num_seeds=2, hidden=(32,)))
     config.learning_rates = (0.03, 0.3, 3.0)
     config.criterion.target_accuracy = 0.5
-    config.criterion.min_extra_points = 1
+    config.criterion.min_lr_ratio = 3.0
   return config
 
 
@@ -30,6 +32,5 @@ def validate(config):
     configs.fail("learning_rates", config.learning_rates, "a non-empty tuple of positive learning rates")
   if not 0.0 < config.criterion.target_accuracy <= 1.0:
     configs.fail("criterion.target_accuracy", config.criterion.target_accuracy, "a fraction in (0, 1]")
-  if not 0 <= config.criterion.min_extra_points <= len(config.learning_rates):
-    configs.fail("criterion.min_extra_points", config.criterion.min_extra_points,
-                 f"a count in 0..{len(config.learning_rates)}")
+  if not config.criterion.min_lr_ratio >= 1.0:
+    configs.fail("criterion.min_lr_ratio", config.criterion.min_lr_ratio, "a ratio >= 1")
