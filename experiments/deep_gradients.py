@@ -95,7 +95,10 @@ def run(config, run) -> Result:
 
 def _plot(run, config, norms, metrics) -> str:
   acts = list(config.activations)
-  fig, axes = report.figure(3, len(acts))
+  title = (f"gradient norms on {config.dataset}: {len(config.hidden)} hidden layers of {config.hidden[0]}, "
+           f"{config.optimizer} lr {config.learning_rate:g}, {config.num_steps} steps; lines: geometric mean over "
+           f"{config.num_seeds} seeds, {config.probe_rows} training rows, training mode")
+  fig, axes = report.figure(3, len(acts), title=title)
   layers = np.arange(len(config.hidden))
   for row, activation in enumerate(acts):
     for col, (when, key) in enumerate((("at initialization", "grad_norms_init"),
@@ -103,14 +106,16 @@ def _plot(run, config, norms, metrics) -> str:
       ax = axes[row, col]
       for arm in ARMS:
         ax.plot(layers, metrics[key][activation][arm], marker=".", label=arm, color=report.ARM_COLORS[arm])
-      ax.set(yscale="log", xlabel="hidden layer", ylabel="||dL/dW||",
+      ax.set(yscale="log", xlabel="hidden layer index (0 = first)", ylabel="||dL/dW|| (Frobenius, log scale)",
              title=f"{activation}: gradient norm per layer, {when}")
       ax.legend(fontsize="small")
     ax = axes[row, 2]
     for arm in ARMS:
       ax.plot(metrics["steps"], metrics["ratio"][activation][arm], marker=".", label=arm,
               color=report.ARM_COLORS[arm])
-    ax.axhspan(config.criterion.low, config.criterion.high, color="tab:green", alpha=0.1)
-    ax.set(yscale="log", xlabel="step", title=f"{activation}: first / last layer ratio")
+    ax.axhspan(config.criterion.low, config.criterion.high, color="tab:green", alpha=0.1,
+               label=f"criterion range [{config.criterion.low:g}, {config.criterion.high:g}]")
+    ax.set(yscale="log", xlabel="training step", ylabel="||dL/dW_0|| / ||dL/dW_last|| (log scale)",
+           title=f"{activation}: first / last layer ratio")
     ax.legend(fontsize="small")
   return report.save(fig, run, "deep_gradients")

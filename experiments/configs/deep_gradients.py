@@ -10,7 +10,7 @@ from experiments import configs
 def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="digits", num_steps=1000, batch_size=60, learning_rate=0.05, optimizer="sgd",
-      num_seeds=5, eval_every=100, hidden=(64,) * 20,
+      num_seeds=10, eval_every=100, hidden=(64,) * 20,
       drop=("activation", "norm"))  # Both activations, with and without BN.
   config.activations = ("sigmoid", "tanh")
   config.probe_rows = 256  # The fixed batch of training rows the gradients are measured on.

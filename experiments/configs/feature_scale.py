@@ -11,8 +11,9 @@ from experiments import configs
 def get_config(arg: str = ""):
   config = configs.training_config(
       dataset="age_salary", num_steps=3000, batch_size=64, learning_rate=1e-3, optimizer="adam",
-      num_seeds=5, eval_every=100, hidden=(64, 64), activation="relu",
+      num_seeds=10, eval_every=100, hidden=(64, 64), activation="relu",
       drop=("norm",))  # The arms fix where BN goes.
+  config.split_per_seed = True  # Each seed its own data draw and split (split seed = replicate seed).
   config.criterion = dict(
       max_gap_points=1.0,   # |acc(input_bn) - acc(standardized)| at most this, in accuracy points.
       min_raw_deficit_points=1.0,  # acc(none) must be below acc(standardized) by more than this.

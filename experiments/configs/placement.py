@@ -13,6 +13,7 @@ def get_config(arg: str = ""):
       dataset="digits", standardize=True, num_steps=1500, batch_size=32, optimizer="momentum",
       num_seeds=10, eval_every=500, hidden=(64, 64), drop=("activation", "norm"))
   # These replace `dataset` and `learning_rate`, which are not used.
+  config.split_per_seed = True  # Each seed its own data split (split seed = replicate seed).
   config.datasets = ("digits", "breast_cancer", "wine")
   config.activations = ("relu", "tanh")
   config.learning_rates = (0.003, 0.01, 0.03, 0.1)
