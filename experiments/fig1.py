@@ -9,8 +9,8 @@ distribution the sigmoid sees while it trains, without the noise of one batch or
 averages.
 
 Drift of a percentile curve ``p(t)`` after warm-up is ``S_{t >= t_w} |p(t) - p(t_w)|``, in the units of the
-sigmoid's input (where saturation happens), with ``S`` the median over the recorded steps (criterion v2;
-v1 used the maximum, which one spike decides, and is still reported); a seed's drift is the largest of its
+sigmoid's input (where saturation happens), with ``S`` the median over the recorded steps (criterion v3;
+v2 used the maximum, which one spike decides, and is still reported); a seed's drift is the largest of its
 three percentiles.
 """
 import math
@@ -26,9 +26,9 @@ TITLE = "the paper's Figure 1: sigmoid MLP with and without batch norm"
 ARMS = {"none": "none", "bn": "pre"}
 PERCENTILES = (15.0, 50.0, 85.0)
 PERCENTILE_STYLES = ("--", "-", ":")
-HISTORY = ("v1 (drift = max over time, 5 seeds, BN drifts less in >= 4; run 20261126T072615Z): held, BN at "
-           "step 250 vs none at 1300, BN drifts less in 5 of 5 seeds. Before v1, a pilot measured drift in "
-           "inference mode, where BN drifted less in 3 of 5 seeds.")
+HISTORY = ("v2 (drift = max over time, 5 seeds, BN drifts less in >= 4; run 20261126T072615Z): held, BN at "
+           "step 250 vs none at 1300, BN drifts less in 5 of 5 seeds. v1 (the pilot, drift in inference mode): "
+           "not held, BN drifted less in 3 of 5 seeds.")
 
 
 def describe_criterion(criterion) -> str:

@@ -21,7 +21,7 @@ def get_config(arg: str = ""):
       init_stddev=0.1, drop=("norm",))  # The arms are no BN and BN before each sigmoid.
   config.unit = 0  # Which sigmoid of the last hidden layer panels (b, c) follow.
   config.criterion = dict(
-      version=2,               # v1: drift was the max over time, 5 seeds, min_seeds_less_drift=4.
+      version=3,               # v2: drift was the max over time, 5 seeds, min_seeds_less_drift=4.
       target_accuracy=0.9,     # Panel (a): test accuracy both arms race to.
       max_step_ratio=0.5,      # BN must reach it in at most this fraction of no-BN's steps.
       warmup_fraction=0.1,     # Drift is measured after this fraction of the steps.
