@@ -3,8 +3,13 @@
 A run writes ``<workdir>/<name>/<UTC time>/``: ``config.json``, ``metrics.jsonl`` (one JSON object a
 line), ``summary.json`` (final metrics, the criterion's verdict, ``state_digest``, ``diverged``: the models
 whose loss became non-finite and at which step, ``events``: what a resume skipped and where it started),
-``report.md`` and PNG plots. jax is imported only after the config is checked, so the host device count can
-still be set for ``num_devices > 1`` on CPU.
+``report.md`` and PNG plots. ``config.json`` also holds, and ``summary.json`` ends with, the run's
+``provenance`` (`experiments.provenance`: git commit and dirty files, package versions, the overrides given,
+seeds, machine and load, the pre-registration version; the summary's adds the wall time). jax is imported
+only after the config is checked, so the host device count can still be set for ``num_devices > 1`` on CPU.
+
+The verdict line and the paths of the report and every figure are printed on stdout, always; logs and
+progress bars go to stderr, and ``quiet`` hides the progress bars only.
 
 Nothing that exists is removed before its replacement is complete: a run folder appears with its
 ``config.json`` (built aside, then renamed), and ``summary.json``, ``report.md`` and rewrites of
@@ -32,6 +37,7 @@ import ml_collections
 
 from experiments import config_parsing
 from experiments import files
+from experiments import provenance
 
 DEFAULT_WORKDIR = "runs"
 
@@ -259,10 +265,11 @@ def run_experiment(name: str, *, quick: bool = False, workdir: str = DEFAULT_WOR
   ready_workdir(workdir, name)
   ensure_devices(config.get("num_devices", 1))
   config_json = json.loads(config.to_json())
+  origin = provenance.collect(name, config, quick=quick, overrides=overrides)
   directory = _resumable_dir(workdir, name, config_json) if resume else None
   started_anew = resume and directory is None
   if directory is None:
-    directory = new_run_dir(workdir, name, config_json)
+    directory = new_run_dir(workdir, name, {**config_json, "provenance": origin})
   else:
     check_writable(directory, "--resume")
   module = importlib.import_module(f"experiments.{name}")
@@ -271,17 +278,37 @@ def run_experiment(name: str, *, quick: bool = False, workdir: str = DEFAULT_WOR
   with files.exclusive(directory, what="run folder", error=RunError):
     if started_anew:
       run.note(f"--resume: no run of {name!r} under {workdir / name} to continue; started a new run from step 0")
-    if not quiet:
-      print(f"[{name}] writing {directory}", file=sys.stderr)
-    summary = _execute(module, run, quick=quick, config_json=config_json)
-  if not quiet:
-    word = "HELD" if summary["verdict"]["held"] else "NOT HELD"
-    print(f"[{name}] criterion {word}: {summary['verdict']['reason']}\n[{name}] {directory / 'report.md'}",
-          file=sys.stderr)
+    elif run.resume:
+      _note_resumed_code(run, origin)
+    print(f"[{name}] writing {directory}", file=sys.stderr, flush=True)
+    summary = _execute(module, run, quick=quick, config_json=config_json, origin=origin)
+  print_outcome(name, directory, summary)
   return summary
 
 
-def _execute(module, run: Run, *, quick: bool, config_json: dict) -> dict:
+def print_outcome(name: str, directory: pathlib.Path, summary: dict) -> None:
+  """The verdict line and the paths of the report and of every figure (with its vector twin), on stdout."""
+  word = "HELD" if summary["verdict"]["held"] else "NOT HELD"
+  lines = [f"[{name}] criterion {word}: {summary['verdict']['reason']}", f"[{name}] report: {directory / 'report.md'}"]
+  for plot in summary["plots"]:
+    vector = (directory / plot).with_suffix(".svg")
+    lines += [f"[{name}] figure: {p}" for p in (directory / plot, vector) if p == directory / plot or p.exists()]
+  print("\n".join(lines), flush=True)
+
+
+def _note_resumed_code(run: Run, origin: dict) -> None:
+  """Notes a resume under another commit, or from a changed tree, than the run started with."""
+  try:
+    started = json.loads((run.dir / "config.json").read_text()).get("provenance", {}).get("git", {})
+  except (OSError, ValueError, AttributeError):
+    started = {}
+  now = origin["git"]
+  if started.get("commit") != now.get("commit") or now.get("dirty"):
+    run.note(f"resumed at commit {now.get('commit')} (dirty: {now.get('dirty')}); the run started at "
+             f"{started.get('commit')} (dirty: {started.get('dirty')})")
+
+
+def _execute(module, run: Run, *, quick: bool, config_json: dict, origin: dict) -> dict:
   """Runs the experiment in ``run``, then writes its summary and report (each replaced atomically)."""
   start = time.time()
   config = run.config
@@ -308,6 +335,8 @@ def _execute(module, run: Run, *, quick: bool, config_json: dict) -> dict:
                       "devices": jax.device_count(), "python": platform.python_version(),
                       "machine": platform.machine(), "cpus": os.cpu_count()},
   }
+  summary["provenance"] = {**origin, "finished_utc": summary["finished_utc"], "wall_seconds": summary["wall_seconds"],
+                           "load_average_at_end": provenance.machine().get("load_average")}
   from experiments import report  # pylint: disable=g-import-not-at-top
   files.write_atomic(run.dir / "report.md", report.run_markdown(summary, config_json))
   files.write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -342,7 +371,9 @@ def _resumable_dir(workdir: pathlib.Path, name: str, config_json: dict) -> pathl
   except (OSError, ValueError) as e:
     raise RunError(f"--resume: {directory / 'config.json'} is unreadable ({e}); expected the config the run "
                    f"started with (move that folder away to resume an older run, or drop --resume)") from e
+  saved = {k: v for k, v in saved.items() if k != "provenance"} if isinstance(saved, dict) else saved
   if saved != config_json:
+    saved = saved if isinstance(saved, dict) else {}
     changed = sorted(k for k in set(saved) | set(config_json) if saved.get(k) != config_json.get(k))
     raise ValueError(f"--resume: the config differs from the one of {directory} in {changed}; "
                      f"expected the same config (same --quick and --config overrides)")

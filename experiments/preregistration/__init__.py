@@ -6,14 +6,23 @@ the arms, the seeds and the ``criterion`` (the threshold), which must equal the 
 the latest version (tests/test_provenance.py checks it). A run records the version it ran under and its
 `digest`, a hash of what was registered (everything but the pilots and results added later).
 """
+
 import hashlib
 import json
 import pathlib
+
 import tomllib
 
 FOLDER = pathlib.Path(__file__).resolve().parent
-REQUIRED = {"version": int, "registered": str, "hypothesis": str, "metric": str, "arms": list, "seeds": list,
-            "criterion": dict}
+REQUIRED = {
+  "version": int,
+  "registered": str,
+  "hypothesis": str,
+  "metric": str,
+  "arms": list,
+  "seeds": list,
+  "criterion": dict,
+}
 LATER = ("pilot", "result")  # Added after registration: not part of the digest.
 
 
@@ -80,9 +89,10 @@ def check(name: str, criterion: dict, folder: pathlib.Path | None = None) -> dic
   if changed:
     where = (folder or FOLDER) / f"{name}.toml"
     raise PreregistrationError(
-        f"{where}: version {latest['version']}: criterion differs from the config's in {changed} (record "
-        f"{ {k: latest['criterion'].get(k) for k in changed} }, config { {k: criterion.get(k) for k in changed} }); "
-        f"expected equal: a changed criterion is a new [[version]] of the record, with the old one kept")
+      f"{where}: version {latest['version']}: criterion differs from the config's in {changed} (record "
+      f"{ {k: latest['criterion'].get(k) for k in changed} }, config { {k: criterion.get(k) for k in changed} }); "
+      f"expected equal: a changed criterion is a new [[version]] of the record, with the old one kept"
+    )
   return latest
 
 
@@ -94,7 +104,16 @@ def describe(name: str, criterion: dict, folder: pathlib.Path | None = None) -> 
   try:
     latest = load(name, folder)[-1]
   except PreregistrationError as e:
-    return {"file": f"experiments/preregistration/{name}.toml", "version": None, "digest": None,
-            "criterion_matches": False, "error": str(e)}
-  return {"file": f"experiments/preregistration/{name}.toml", "version": latest["version"],
-          "digest": digest(latest), "criterion_matches": not differences(latest["criterion"], criterion)}
+    return {
+      "file": f"experiments/preregistration/{name}.toml",
+      "version": None,
+      "digest": None,
+      "criterion_matches": False,
+      "error": str(e),
+    }
+  return {
+    "file": f"experiments/preregistration/{name}.toml",
+    "version": latest["version"],
+    "digest": digest(latest),
+    "criterion_matches": not differences(latest["criterion"], criterion),
+  }
