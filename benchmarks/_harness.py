@@ -10,6 +10,7 @@ The discipline every benchmark follows:
   * minor page faults per call (`getrusage` `ru_minflt` deltas) are recorded next to the time, since fresh
     large output buffers that the allocator maps and unmaps on every call cost one fault per page.
 """
+
 import dataclasses
 import datetime
 import json
@@ -22,13 +23,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 
 @dataclasses.dataclass
 class Samples:
   """Per-call measurements of one candidate, one entry per round (round i of every candidate aligned)."""
+
   seconds: list[float] = dataclasses.field(default_factory=list)
   minor_faults: list[int] = dataclasses.field(default_factory=list)
 
@@ -62,8 +66,14 @@ def time_call(call: Callable[[], Any]) -> tuple[float, int]:
   return seconds, _minor_faults() - faults
 
 
-def round_robin(calls: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: int, seed: int = 0,
-                setups: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, Samples]:
+def round_robin(
+  calls: Mapping[str, Callable[[], Any]],
+  *,
+  rounds: int,
+  warmup: int,
+  seed: int = 0,
+  setups: Mapping[str, Callable[[], Any]] | None = None,
+) -> dict[str, Samples]:
   """Times every call `rounds` times, interleaved: each round runs each candidate once, in a random order.
 
   Args:
@@ -139,21 +149,22 @@ def jax_device() -> dict[str, str]:
 def machine_info() -> dict[str, Any]:
   """The facts a reader needs to compare numbers across machines: CPU, cores, library versions, flags."""
   return {
-      "cpu_model": _lscpu_model(),
-      "cpu_count": os.cpu_count(),
-      "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "versions": {name: _version(name) for name in
-                   ("jax", "jaxlib", "flax", "optax", "haiku", "equinox", "torch", "numpy", "bnjax")},
-      **jax_device(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      # glibc.malloc.hugetlb=1 backs large buffers with transparent huge pages, which changes the cost of
-      # every fresh output buffer (see docs/performance.md); the same setting applies to every implementation of a run.
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-      "load_average": os.getloadavg(),
-      "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join([os.path.basename(sys.executable), "-m", _module_name()] + sys.argv[1:]),
+    "cpu_model": _lscpu_model(),
+    "cpu_count": os.cpu_count(),
+    "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "versions": {
+      name: _version(name) for name in ("jax", "jaxlib", "flax", "optax", "haiku", "equinox", "torch", "numpy", "bnjax")
+    },
+    **jax_device(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    # glibc.malloc.hugetlb=1 backs large buffers with transparent huge pages, which changes the cost of
+    # every fresh output buffer (see docs/performance.md); the same setting applies to every implementation of a run.
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    "load_average": os.getloadavg(),
+    "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": " ".join([os.path.basename(sys.executable), "-m", _module_name()] + sys.argv[1:]),
   }
 
 
@@ -168,14 +179,15 @@ def machine_line(info: Mapping[str, Any]) -> str:
   versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
   tunables = f"; GLIBC_TUNABLES={info['glibc_tunables']}" if info.get("glibc_tunables") else ""
   accelerator = "" if info.get("jax_backend", "cpu") == "cpu" else f"{info['jax_device']} ({info['jax_backend']}); "
-  return (f"{accelerator}{info['cpu_model']}, {info['usable_cores']} cores; {versions}; "
-          f"load average at start {info['load_average'][0]:.2f}{tunables}")
+  return (
+    f"{accelerator}{info['cpu_model']}, {info['usable_cores']} cores; {versions}; "
+    f"load average at start {info['load_average'][0]:.2f}{tunables}"
+  )
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   """A GitHub-flavoured markdown table; numbers are expected pre-formatted as strings."""
-  lines = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join("---" for _ in headers) + "|"]
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
   lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
   return "\n".join(lines)
 

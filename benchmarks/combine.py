@@ -10,6 +10,7 @@ implementation, the median over runs of those ratios and of the median times, an
 A run whose correctness checks failed is refused (a failure that `ops.KNOWN_DEVIATIONS` now lists counts
 as that known deviation).
 """
+
 import argparse
 import json
 import pathlib
@@ -56,7 +57,7 @@ def combine(runs: Sequence[dict[str, Any]]) -> list[ops.Row]:
     row = ops.Row(**{**rows[0], "max_errors": dict(rows[0]["max_errors"])})
     for column in _COLUMNS:
       setattr(row, column, _median([r[column] for r in rows]))
-    row.p25_ms = row.p75_ms = None    # quantiles do not combine; the per-run files keep them
+    row.p25_ms = row.p75_ms = None  # quantiles do not combine; the per-run files keep them
     row.rounds = sum(r["rounds"] for r in rows)
     row.max_errors = {k: max(r["max_errors"].get(k, 0.0) for r in rows) for k in row.max_errors}
     combined.append(row)
@@ -79,7 +80,7 @@ def combine_train(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     row["p25_ms"] = row["p75_ms"] = None
     row["rounds"] = sum(r["rounds"] for r in rows)
     errors = [r["max_error"] for r in rows if r["max_error"] is not None]
-    row["max_error"] = max(errors) if errors else None   # None: skipped in every run
+    row["max_error"] = max(errors) if errors else None  # None: skipped in every run
     combined.append(row)
   return combined
 
@@ -104,26 +105,50 @@ def summary(rows: Sequence[ops.Row], dtype: str = "float32") -> str:
       bnjax = case_rows.get(name)
       if bnjax is None or flax is None:
         continue
-      lines.append([bnjax.mode.replace("fwd_bwd", "fwd+bwd"), "x".join(map(str, bnjax.shape)), name, ms(bnjax),
-                    ms(flax), "-" if torch is None else f"{ms(torch)} ({torch.implementation})", ms(floor),
-                    _harness.fmt_ratio(bnjax.x_flax), _harness.fmt_ratio(bnjax.x_torch_best),
-                    _harness.fmt_ratio(bnjax.x_floor)])
+      lines.append(
+        [
+          bnjax.mode.replace("fwd_bwd", "fwd+bwd"),
+          "x".join(map(str, bnjax.shape)),
+          name,
+          ms(bnjax),
+          ms(flax),
+          "-" if torch is None else f"{ms(torch)} ({torch.implementation})",
+          ms(floor),
+          _harness.fmt_ratio(bnjax.x_flax),
+          _harness.fmt_ratio(bnjax.x_torch_best),
+          _harness.fmt_ratio(bnjax.x_floor),
+        ]
+      )
   return _harness.markdown_table(
-      ("mode", "shape", "bnjax implementation", "bnjax ms", "flax.linen ms", "PyTorch best ms", "floor ms",
-       "bnjax / flax", "bnjax / PyTorch", "bnjax / floor"), lines)
+    (
+      "mode",
+      "shape",
+      "bnjax implementation",
+      "bnjax ms",
+      "flax.linen ms",
+      "PyTorch best ms",
+      "floor ms",
+      "bnjax / flax",
+      "bnjax / PyTorch",
+      "bnjax / floor",
+    ),
+    lines,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.combine", description=__doc__.split("\n")[0])
   parser.add_argument("runs", nargs="+", help="directories holding a results.json of benchmarks.ops")
   parser.add_argument("--out", default=None, help="write the combined results.json / results.md here")
-  parser.add_argument("--summary", action="store_true",
-                      help="print only the compact table of bnjax against flax, PyTorch and the floor")
+  parser.add_argument(
+    "--summary", action="store_true", help="print only the compact table of bnjax against flax, PyTorch and the floor"
+  )
   parser.add_argument("--dtype", default="float32", help="the dtype of the --summary table (default float32)")
   args = parser.parse_args(argv)
   runs = [json.loads((pathlib.Path(d) / "results.json").read_text()) for d in args.runs]
   if {run["benchmark"] for run in runs} == {"train"}:
     from benchmarks import train  # pylint: disable=g-import-not-at-top
+
     rows = combine_train(runs)
     info = dict(runs[0]["machine"], command=" ".join(["python -m benchmarks.combine"] + list(args.runs)))
     print(f"Medians over {len(runs)} runs.\n" + train.render(rows, info, runs[0]["layers"]))
@@ -136,13 +161,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   info = dict(runs[0]["machine"])
   info["command"] = " ".join(["python -m benchmarks.combine"] + list(args.runs))
   info["load_average"] = max((run["machine"]["load_average"] for run in runs), key=lambda la: la[0])
-  markdown = (f"Medians over {len(runs)} runs (each a median of {runs[0]['rounds']} interleaved rounds).\n"
-              + ops.render(rows, verdicts, info))
+  markdown = f"Medians over {len(runs)} runs (each a median of {runs[0]['rounds']} interleaved rounds).\n" + ops.render(
+    rows, verdicts, info
+  )
   print(markdown)
   if args.out:
-    _harness.write_results(args.out, {"benchmark": "ops (combined)", "runs": list(args.runs), "machine": info,
-                                      "rows": [r.__dict__ for r in rows], "targets": verdicts,
-                                      "all_checks_passed": True}, markdown)
+    _harness.write_results(
+      args.out,
+      {
+        "benchmark": "ops (combined)",
+        "runs": list(args.runs),
+        "machine": info,
+        "rows": [r.__dict__ for r in rows],
+        "targets": verdicts,
+        "all_checks_passed": True,
+      },
+      markdown,
+    )
   return 0
 
 

@@ -11,6 +11,7 @@ compare with the floor's 2 (forward) and 5 (forward+backward). Full-size buffers
 nor an output are temporaries (residuals of the backward, intermediates XLA did not fuse away); each costs
 its own writes and reads and, on first touch of freshly mapped memory, one minor page fault per 4 KiB page.
 """
+
 import argparse
 import dataclasses
 import math
@@ -22,8 +23,21 @@ from collections.abc import Sequence
 from benchmarks import _harness
 from benchmarks import ops
 
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-             "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ITEMSIZE = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+}
 _SHAPE = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([\d,]*)\]")
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 
@@ -31,9 +45,9 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 @dataclasses.dataclass
 class Kernel:
   name: str
-  opcode: str            # fusion, copy, ...
-  kind: str              # kLoop / kInput / kOutput / ynn (YNNPACK custom fusion) / ""
-  op_name: str           # the JAX operation the kernel came from (metadata)
+  opcode: str  # fusion, copy, ...
+  kind: str  # kLoop / kInput / kOutput / ynn (YNNPACK custom fusion) / ""
+  op_name: str  # the JAX operation the kernel came from (metadata)
   big_read_bytes: int
   big_write_bytes: int
 
@@ -41,7 +55,7 @@ class Kernel:
 @dataclasses.dataclass
 class Anatomy:
   kernels: list[Kernel]
-  passes: float          # (big reads + big writes) / x bytes
+  passes: float  # (big reads + big writes) / x bytes
   temporaries: list[str]  # full-size buffers that are neither inputs nor outputs
 
 
@@ -58,14 +72,14 @@ def _split_instruction(line: str):
   match = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+) = ", line)
   if not match:
     return None
-  rest = line[match.end():]
-  if rest.startswith("("):        # a tuple shape: up to its matching parenthesis
+  rest = line[match.end() :]
+  if rest.startswith("("):  # a tuple shape: up to its matching parenthesis
     depth = 0
-    for i, char in enumerate(rest):
+    for i, char in enumerate(rest):  # noqa: B007  (i is the split point, read after the loop)
       depth += {"(": 1, ")": -1}.get(char, 0)
       if depth == 0:
         break
-    shape, rest = rest[:i + 1], rest[i + 1:].lstrip()
+    shape, rest = rest[: i + 1], rest[i + 1 :].lstrip()
   else:
     shape, _, rest = rest.partition(" ")
   opcode, _, rest = rest.partition("(")
@@ -73,13 +87,13 @@ def _split_instruction(line: str):
   while depth and i < len(rest):
     depth += {"(": 1, ")": -1}.get(rest[i], 0)
     i += 1
-  return match.group(1), shape, opcode.strip(), rest[:i - 1], rest[i:]
+  return match.group(1), shape, opcode.strip(), rest[: i - 1], rest[i:]
 
 
 def anatomy(hlo_text: str, x_elements: int, x_itemsize: int) -> Anatomy:
   """Counts the x-sized memory traffic of the ENTRY computation of an optimised HLO module."""
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  entry = entry[:entry.index("\n}") + 1]
+  entry = hlo_text[hlo_text.index("\nENTRY") :]
+  entry = entry[: entry.index("\n}") + 1]
   shapes, kernels, root_operands, params = {}, [], set(), set()
   for line in entry.splitlines()[1:]:
     parsed = _split_instruction(line)
@@ -100,8 +114,16 @@ def anatomy(hlo_text: str, x_elements: int, x_itemsize: int) -> Anatomy:
       kind = "ynn"
     op_name = re.search(r'op_name="([^"]*)"', attrs)
     reads = sum(_nbytes(shapes.get(o, []), x_elements) for o in dict.fromkeys(operand_names))
-    kernels.append(Kernel(name=name, opcode=opcode, kind=kind, op_name=op_name.group(1) if op_name else "",
-                          big_read_bytes=reads, big_write_bytes=_nbytes(shapes[name], x_elements)))
+    kernels.append(
+      Kernel(
+        name=name,
+        opcode=opcode,
+        kind=kind,
+        op_name=op_name.group(1) if op_name else "",
+        big_read_bytes=reads,
+        big_write_bytes=_nbytes(shapes[name], x_elements),
+      )
+    )
   x_bytes = x_elements * x_itemsize
   # A conditional's branches run only when taken: listed, but left out of the pass count.
   passes = sum(k.big_read_bytes + k.big_write_bytes for k in kernels if k.opcode != "conditional") / x_bytes
@@ -110,14 +132,18 @@ def anatomy(hlo_text: str, x_elements: int, x_itemsize: int) -> Anatomy:
 
 
 def describe(name: str, mode: str, result: Anatomy, x_bytes: int) -> str:
-  lines = [f"{name} [{mode}]: {len(result.kernels)} kernels, {result.passes:.1f} x-sized passes, "
-           f"{len(result.temporaries)} full-size temporaries"]
+  lines = [
+    f"{name} [{mode}]: {len(result.kernels)} kernels, {result.passes:.1f} x-sized passes, "
+    f"{len(result.temporaries)} full-size temporaries"
+  ]
   for kernel in result.kernels:
     if kernel.big_read_bytes or kernel.big_write_bytes:
       op = kernel.op_name.split("/")[-3:]
       when_taken = " if taken" if kernel.opcode == "conditional" else ""
-      lines.append(f"    {kernel.name:34s} {kernel.kind or kernel.opcode:6s} reads {kernel.big_read_bytes / x_bytes:.1f}"
-                   f" writes {kernel.big_write_bytes / x_bytes:.1f}{when_taken}  ({'/'.join(op)})")
+      lines.append(
+        f"    {kernel.name:34s} {kernel.kind or kernel.opcode:6s} reads {kernel.big_read_bytes / x_bytes:.1f}"
+        f" writes {kernel.big_write_bytes / x_bytes:.1f}{when_taken}  ({'/'.join(op)})"
+      )
   return "\n".join(lines)
 
 
@@ -132,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   implementations = list(ops.IMPLEMENTATIONS)
   if args.prototypes:
     from benchmarks import prototypes  # pylint: disable=g-import-not-at-top
+
     implementations += list(prototypes.IMPLEMENTATIONS)
   if args.only:
     implementations = [impl for impl in implementations if impl.name in args.only.split(",")]

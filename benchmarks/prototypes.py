@@ -40,12 +40,12 @@ converted to float32 on its own (behind an optimization barrier). A single share
 feeds several reductions is written out by XLA:CPU as a full-size float32 temporary (twice x's bytes, then
 read back by each reduction); separate conversions fuse into each consumer. Identical to the first for float32.
 """
-import itertools
 
-import numpy as np
+import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import _reference
 from benchmarks import ops
@@ -53,7 +53,7 @@ from bnjax._src import fusion
 
 # Recompute the variance exactly when (mean - K)^2 exceeds this multiple of it: float32 then keeps at least
 # 24 - log2(1 + 2^8) ~ 16 bits of the variance.
-_SHIFT_TOLERANCE = 2.0 ** 8
+_SHIFT_TOLERANCE = 2.0**8
 
 
 def _feature_sums(*arrays):
@@ -71,7 +71,7 @@ def _converter(per_use: bool):
   def convert(a):
     if a.dtype == jnp.float32:
       return a
-    return fusion.upcast(a, jnp.float32, next(uses))   # the core's per-use conversion (adopted from here)
+    return fusion.upcast(a, jnp.float32, next(uses))  # the core's per-use conversion (adopted from here)
 
   return convert
 
@@ -134,8 +134,11 @@ def _chan_one_pass_stats(x, shift, f32):
   values = f32(x)
   axes = tuple(range(x.ndim - 1))
   count, mean, m2 = jax.lax.reduce(
-      (jnp.ones(x.shape, jnp.int32), values, jnp.zeros_like(values)),
-      (jnp.int32(0), jnp.float32(0), jnp.float32(0)), _chan_merge, axes)
+    (jnp.ones(x.shape, jnp.int32), values, jnp.zeros_like(values)),
+    (jnp.int32(0), jnp.float32(0), jnp.float32(0)),
+    _chan_merge,
+    axes,
+  )
   return mean, m2 / count
 
 
@@ -187,18 +190,27 @@ def _build(stats_fn, **options):
       return _train(batch_norm, x, *params, *state, data.decay)
 
     return ops.jax_prepared(  # pylint: disable=protected-access
-        case, forward, x, params, state, g, running=lambda s: s, param_grads=lambda p: p,
-        rule=_reference.ema_rule(data.mean0, data.var0, data.decay), note="prototype")
+      case,
+      forward,
+      x,
+      params,
+      state,
+      g,
+      running=lambda s: s,
+      param_grads=lambda p: p,
+      rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
+      note="prototype",
+    )
+
   return build
 
 
 IMPLEMENTATIONS = (
-    ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
-    ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
-    ops.Implementation("proto: shifted guarded one-pass vjp", _build(guarded_one_pass_stats)),
-    ops.Implementation("proto: Chan one-pass vjp", _build(_chan_one_pass_stats)),
-    ops.Implementation("proto: two-pass vjp + per-use converts",
-                       _build(_two_pass_stats, convert_per_use=True)),
+  ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
+  ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
+  ops.Implementation("proto: shifted guarded one-pass vjp", _build(guarded_one_pass_stats)),
+  ops.Implementation("proto: Chan one-pass vjp", _build(_chan_one_pass_stats)),
+  ops.Implementation("proto: two-pass vjp + per-use converts", _build(_two_pass_stats, convert_per_use=True)),
 )
 
 
@@ -219,7 +231,7 @@ def layer_classes() -> dict:
 def _layer_class(stats_fn):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  class BatchNorm(nn.Module):   # named like flax's, so that its variables get the same paths
+  class BatchNorm(nn.Module):  # named like flax's, so that its variables get the same paths
     use_running_average: bool = False
     momentum: float = 0.99
     epsilon: float = 1e-5
@@ -228,8 +240,9 @@ def _layer_class(stats_fn):
     @nn.compact
     def __call__(self, x):
       if self.axis_name is not None:
-        raise ValueError(f"a prototype layer reduces over one device's batch and takes no axis_name, got "
-                         f"axis_name={self.axis_name!r}")
+        raise ValueError(
+          f"a prototype layer reduces over one device's batch and takes no axis_name, got axis_name={self.axis_name!r}"
+        )
       features = (x.shape[-1],)
       scale = self.param("scale", nn.initializers.ones, features)
       bias = self.param("bias", nn.initializers.zeros, features)
@@ -239,9 +252,8 @@ def _layer_class(stats_fn):
         a = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
         return (x * a + (bias - running_mean.value * a)).astype(x.dtype)
       batch_norm = _make_batch_norm(stats_fn, self.epsilon)
-      y, (new_mean, new_var) = _train(batch_norm, x, scale, bias, running_mean.value, running_var.value,
-                                      self.momentum)
-      if not self.is_initializing():   # as flax.linen.BatchNorm: initialising leaves the statistics at 0 and 1
+      y, (new_mean, new_var) = _train(batch_norm, x, scale, bias, running_mean.value, running_var.value, self.momentum)
+      if not self.is_initializing():  # as flax.linen.BatchNorm: initialising leaves the statistics at 0 and 1
         running_mean.value, running_var.value = new_mean, new_var
       return y
 
@@ -251,7 +263,7 @@ def _layer_class(stats_fn):
 # ---------------------------------------------------------------------------------------------------------------
 # Accuracy of each formulation's statistics on the backend at hand (reductions differ in order per backend).
 
-ACCURACY_LOCATIONS = (0.0, 30.0, 1e4)   # x = location + N(0, 1): |mean| / std from 0 to where one pass fails
+ACCURACY_LOCATIONS = (0.0, 30.0, 1e4)  # x = location + N(0, 1): |mean| / std from 0 to where one pass fails
 
 
 def accuracy(shape=(65536, 1024), locations=ACCURACY_LOCATIONS, seed=0) -> list[dict]:
@@ -266,11 +278,13 @@ def accuracy(shape=(65536, 1024), locations=ACCURACY_LOCATIONS, seed=0) -> list[
     mean = s1 / count
     return mean, jnp.maximum(s2 / count - mean * mean, 0.0)
 
-  formulations = {"bnjax.moments": lambda x, shift, f32: bnjax.moments(x),
-                  "flax one-pass E[x^2]-E[x]^2": flax_one_pass,
-                  "proto: two-pass": _two_pass_stats,
-                  "proto: guarded one-pass": _unshifted_guarded_stats,
-                  "proto: Chan one-pass": _chan_one_pass_stats}
+  formulations = {
+    "bnjax.moments": lambda x, shift, f32: bnjax.moments(x),
+    "flax one-pass E[x^2]-E[x]^2": flax_one_pass,
+    "proto: two-pass": _two_pass_stats,
+    "proto: guarded one-pass": _unshifted_guarded_stats,
+    "proto: Chan one-pass": _chan_one_pass_stats,
+  }
   rows = []
   for location in locations:
     x = (location + np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)).astype(np.float32)
@@ -280,29 +294,44 @@ def accuracy(shape=(65536, 1024), locations=ACCURACY_LOCATIONS, seed=0) -> list[
     x_device = jnp.asarray(x)
     for name, stats in formulations.items():
       mean, var = jax.jit(lambda x, stats=stats: stats(x, None, lambda a: a))(x_device)
-      rows.append({"formulation": name, "location": location, "backend": jax.default_backend(),
-                   "mean_error_in_std": float(np.max(np.abs(np.asarray(mean, np.float64) - want_mean)
-                                                     / np.sqrt(want_var))),
-                   "var_relative_error": float(np.max(np.abs(np.asarray(var, np.float64) / want_var - 1.0)))})
+      rows.append(
+        {
+          "formulation": name,
+          "location": location,
+          "backend": jax.default_backend(),
+          "mean_error_in_std": float(np.max(np.abs(np.asarray(mean, np.float64) - want_mean) / np.sqrt(want_var))),
+          "var_relative_error": float(np.max(np.abs(np.asarray(var, np.float64) / want_var - 1.0))),
+        }
+      )
   return rows
 
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.prototypes",
-                                   description="accuracy of each formulation's batch statistics, against float64")
+
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.prototypes",
+    description="accuracy of each formulation's batch statistics, against float64",
+  )
   parser.add_argument("--shape", default="65536,1024")
   args = parser.parse_args(argv)
   rows = accuracy(tuple(int(d) for d in args.shape.split(",")))
   print(f"x = location + N(0, 1), float32, shape {args.shape}, on {jax.devices()[0].device_kind}; worst feature")
   from benchmarks import _harness  # pylint: disable=g-import-not-at-top
-  print(_harness.markdown_table(
+
+  print(
+    _harness.markdown_table(
       ("formulation", "|mean| / std", "mean error / std", "var relative error"),
-      [(r["formulation"], f"{r['location']:g}", f"{r['mean_error_in_std']:.1e}", f"{r['var_relative_error']:.1e}")
-       for r in rows]))
+      [
+        (r["formulation"], f"{r['location']:g}", f"{r['mean_error_in_std']:.1e}", f"{r['var_relative_error']:.1e}")
+        for r in rows
+      ],
+    )
+  )
   return 0
 
 
 if __name__ == "__main__":
   import sys  # pylint: disable=g-import-not-at-top
+
   sys.exit(main())

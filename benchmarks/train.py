@@ -27,6 +27,7 @@ a mismatch is reported loudly and makes the process exit with status 1. Timing f
 `benchmarks._harness` (warm-up, interleaved random-order rounds, medians); throughput is examples per second
 of the global batch.
 """
+
 import argparse
 import dataclasses
 import json
@@ -34,15 +35,17 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 from benchmarks import _harness
 
 FULL_LAYERS = (784, 1024, 1024, 1024, 10)
 QUICK_LAYERS = (64, 32, 32, 10)
 MODES = ("1 device", "shard_map", "sharded jit")
-IMPLEMENTATIONS = ("bnjax", "flax.linen")   # the keys of layer_classes()
+IMPLEMENTATIONS = ("bnjax", "flax.linen")  # the keys of layer_classes()
 DEFAULT_HOST_DEVICES = 8
 
 
@@ -51,20 +54,23 @@ def cpu_worker_devices(mode: str, devices: int | None = None) -> int:
   return 1 if mode == "1 device" else devices or DEFAULT_HOST_DEVICES
 
 
-WORKER_DEVICES = {mode: cpu_worker_devices(mode) for mode in MODES}   # on the CPU with the default --devices
+WORKER_DEVICES = {mode: cpu_worker_devices(mode) for mode in MODES}  # on the CPU with the default --devices
 BASELINE = "flax.linen"
-MOMENTUM = 0.9          # batch norm running-average decay
+MOMENTUM = 0.9  # batch norm running-average decay
 LEARNING_RATE = 0.05
-TOLERANCE = 2e-4        # relative to the largest magnitude of each compared array
+TOLERANCE = 2e-4  # relative to the largest magnitude of each compared array
 
 
 def layer_classes(prototypes: bool = False) -> dict[str, Callable[..., Any]]:
   """name -> a flax.linen batch norm class taking flax.linen.BatchNorm's arguments."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
   import bnjax.nn  # pylint: disable=g-import-not-at-top
+
   classes = {"bnjax": bnjax.nn.BatchNorm, BASELINE: nn.BatchNorm}
   if prototypes:
     from benchmarks import prototypes as prototypes_lib  # pylint: disable=g-import-not-at-top
+
     classes.update(prototypes_lib.layer_classes())
   return classes
 
@@ -86,7 +92,7 @@ def make_model(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | 
     @nn.compact
     def __call__(self, x, train: bool):
       for features in sizes[1:-1]:
-        x = nn.Dense(features, use_bias=False)(x)   # the norm's bias makes a Dense bias redundant
+        x = nn.Dense(features, use_bias=False)(x)  # the norm's bias makes a Dense bias redundant
         x = norm(use_running_average=not train, momentum=MOMENTUM, epsilon=1e-5, axis_name=axis_name)(x)
         x = nn.relu(x)
       return nn.Dense(sizes[-1])(x)
@@ -106,30 +112,39 @@ def make_step(model, tx, axis_name: str | None) -> Callable:
   import optax  # pylint: disable=g-import-not-at-top
 
   def loss_fn(params, batch_stats, x, labels):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"])
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     if axis_name is not None:
       # The global batch's mean loss. shard_map differentiates it into the global gradient by itself: the
       # replicated parameters' cotangents are summed over the axis, so no pmean of the gradients follows.
       loss = jax.lax.pmean(loss, axis_name)
-    return loss, updates.get("batch_stats", batch_stats)   # a layer may leave the statistics untouched
+    return loss, updates.get("batch_stats", batch_stats)  # a layer may leave the statistics untouched
 
   def step(state: TrainState, x, labels):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, labels)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, x, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return TrainState(optax.apply_updates(state.params, updates), batch_stats, opt_state), loss
 
   return step
 
 
-def compile_step(mode: str, model_for: Callable[[str | None], Any], tx, state: TrainState, x, labels,
-                 devices: Sequence[Any] | None = None):
+def compile_step(
+  mode: str,
+  model_for: Callable[[str | None], Any],
+  tx,
+  state: TrainState,
+  x,
+  labels,
+  devices: Sequence[Any] | None = None,
+):
   """The jitted, state-donating step for `mode`, and its (state, x, labels) placed as it expects; the N-device
   modes run on `devices` (default: all of the default backend's)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   if mode == "1 device":
     return jax.jit(make_step(model_for(None), tx, None), donate_argnums=0), (state, x, labels)
@@ -139,19 +154,25 @@ def compile_step(mode: str, model_for: Callable[[str | None], Any], tx, state: T
   replicated, by_batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
   args = (jax.device_put(state, replicated), jax.device_put(x, by_batch), jax.device_put(labels, by_batch))
   if mode == "shard_map":
-    step = jax.shard_map(make_step(model_for("batch"), tx, "batch"), mesh=mesh,
-                         in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P()))
+    step = jax.shard_map(
+      make_step(model_for("batch"), tx, "batch"),
+      mesh=mesh,
+      in_specs=(P(), P("batch"), P("batch")),
+      out_specs=(P(), P()),
+    )
     return jax.jit(step, donate_argnums=0), args
   if mode == "sharded jit":
     step = make_step(model_for(None), tx, None)
-    return jax.jit(step, in_shardings=(replicated, by_batch, by_batch), out_shardings=(replicated, replicated),
-                   donate_argnums=0), args
+    return jax.jit(
+      step, in_shardings=(replicated, by_batch, by_batch), out_shardings=(replicated, replicated), donate_argnums=0
+    ), args
   raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def _relative_errors(got, want) -> dict[str, float]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   errors = {}
   flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
   flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
@@ -177,7 +198,7 @@ class Row:
   p75_ms: float | None = None
   rounds: int = 0
   examples_per_s: float | None = None
-  x_flax: float | None = None      # time ratio to flax.linen in the same mode (< 1 is faster)
+  x_flax: float | None = None  # time ratio to flax.linen in the same mode (< 1 is faster)
   faults_per_call: float | None = None
   compile_s: float | None = None
   check: str = "n/a"
@@ -186,9 +207,17 @@ class Row:
   error: str | None = None
 
 
-def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, rounds: int, warmup: int,
-               seed: int = 0, classes: dict[str, Callable[..., Any]] | None = None,
-               devices: int | None = None) -> list[dict[str, Any]]:
+def run_worker(
+  modes: Sequence[str],
+  *,
+  layers: Sequence[int],
+  batch_size: int,
+  rounds: int,
+  warmup: int,
+  seed: int = 0,
+  classes: dict[str, Callable[..., Any]] | None = None,
+  devices: int | None = None,
+) -> list[dict[str, Any]]:
   """Checks and times every (layer class, mode) on this process's devices (the N-device modes on the first
   `devices` of them, default all); returns Row dicts."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -221,8 +250,13 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
   for mode in modes:
     for name, norm in classes.items():
       key = f"{name} | {mode}"
-      row = Row(mode=mode, implementation=name, devices=1 if mode == "1 device" else len(mesh_devices),
-                batch_size=batch_size, layers=list(layers))
+      row = Row(
+        mode=mode,
+        implementation=name,
+        devices=1 if mode == "1 device" else len(mesh_devices),
+        batch_size=batch_size,
+        layers=list(layers),
+      )
       rows[key] = row
       skip = _skip_reason(mode, name, len(mesh_devices))
       if skip:
@@ -230,8 +264,14 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
         continue
       try:
         step, (state, xs, ys) = compile_step(
-            mode, lambda axis_name, norm=norm: make_model(layers, norm, axis_name), tx, fresh_state(), x, labels,
-            mesh_devices)
+          mode,
+          lambda axis_name, norm=norm: make_model(layers, norm, axis_name),
+          tx,
+          fresh_state(),
+          x,
+          labels,
+          mesh_devices,
+        )
         row.compile_s = _harness.compile_seconds(step, state, xs, ys)
         with check_precision:
           state, loss = step(state, xs, ys)
@@ -262,8 +302,7 @@ def run_worker(modes: Sequence[str], *, layers: Sequence[int], batch_size: int, 
   return [dataclasses.asdict(row) for row in rows.values()]
 
 
-def _spawn_worker(modes: Sequence[str], args: argparse.Namespace,
-                  host_devices: int | None = None) -> dict[str, Any]:
+def _spawn_worker(modes: Sequence[str], args: argparse.Namespace, host_devices: int | None = None) -> dict[str, Any]:
   """Runs `modes` in a fresh interpreter on `args.platform` (with `host_devices` devices on the CPU); returns its
   {"rows": [...], "device": {...}}."""
   env = dict(os.environ)
@@ -273,18 +312,45 @@ def _spawn_worker(modes: Sequence[str], args: argparse.Namespace,
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={host_devices}"])
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "rows.json")
-    command = [sys.executable, "-m", "benchmarks.train", "--worker", out, "--modes", ",".join(modes),
-               "--rounds", str(args.rounds), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-               "--platform", args.platform]
+    command = [
+      sys.executable,
+      "-m",
+      "benchmarks.train",
+      "--worker",
+      out,
+      "--modes",
+      ",".join(modes),
+      "--rounds",
+      str(args.rounds),
+      "--batch-size",
+      str(args.batch_size),
+      "--seed",
+      str(args.seed),
+      "--platform",
+      args.platform,
+    ]
     if args.devices is not None:
       command += ["--devices", str(args.devices)]
     command += ["--quick"] * args.quick + ["--prototypes"] * args.prototypes
     completed = subprocess.run(command, env=env, cwd=_repo_root(), check=False)
     if completed.returncode != 0 or not os.path.exists(out):
-      return {"rows": [dataclasses.asdict(Row(mode=m, implementation="(worker)", devices=host_devices or 0,
-                                              batch_size=args.batch_size, layers=[], check="ERROR",
-                                              error=f"worker exited with status {completed.returncode}"))
-                       for m in modes], "device": {}}
+      return {
+        "rows": [
+          dataclasses.asdict(
+            Row(
+              mode=m,
+              implementation="(worker)",
+              devices=host_devices or 0,
+              batch_size=args.batch_size,
+              layers=[],
+              check="ERROR",
+              error=f"worker exited with status {completed.returncode}",
+            )
+          )
+          for m in modes
+        ],
+        "device": {},
+      }
     with open(out) as f:
       return json.load(f)
 
@@ -293,8 +359,19 @@ def _repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-HEADERS = ("mode", "implementation", "devices", "batch", "ms/step (median)", "p25-p75", "examples/s",
-           "x flax.linen (time)", "faults/step", "compile s", "check (max rel err)")
+HEADERS = (
+  "mode",
+  "implementation",
+  "devices",
+  "batch",
+  "ms/step (median)",
+  "p25-p75",
+  "examples/s",
+  "x flax.linen (time)",
+  "faults/step",
+  "compile s",
+  "check (max rel err)",
+)
 
 
 def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequence[int]) -> str:
@@ -303,21 +380,34 @@ def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequenc
     check = row["check"] if row["max_error"] is None else f"{row['check']} ({row['max_error']:.1e})"
     if row["error"]:
       check = f"{row['check']}: {row['error'][:80]}"
-    return [row["mode"], row["implementation"], row["devices"], row["batch_size"],
-            "-" if row["median_ms"] is None else f"{row['median_ms']:.2f}", spread,
-            "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.0f}",
-            _harness.fmt_ratio(row["x_flax"]),
-            "-" if row["faults_per_call"] is None else f"{row['faults_per_call']:.0f}",
-            "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}", check]
+    return [
+      row["mode"],
+      row["implementation"],
+      row["devices"],
+      row["batch_size"],
+      "-" if row["median_ms"] is None else f"{row['median_ms']:.2f}",
+      spread,
+      "-" if row["examples_per_s"] is None else f"{row['examples_per_s']:.0f}",
+      _harness.fmt_ratio(row["x_flax"]),
+      "-" if row["faults_per_call"] is None else f"{row['faults_per_call']:.0f}",
+      "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}",
+      check,
+    ]
 
-  lines = [f"Machine: {_harness.machine_line(info)}", f"Command: `{info['command']}`",
-           f"Model: MLP {'-'.join(map(str, layers))}, Dense -> BatchNorm -> ReLU, SGD momentum 0.9, donated state",
-           "", _harness.markdown_table(HEADERS, [cells(row) for row in rows])]
+  lines = [
+    f"Machine: {_harness.machine_line(info)}",
+    f"Command: `{info['command']}`",
+    f"Model: MLP {'-'.join(map(str, layers))}, Dense -> BatchNorm -> ReLU, SGD momentum 0.9, donated state",
+    "",
+    _harness.markdown_table(HEADERS, [cells(row) for row in rows]),
+  ]
   failures = [row for row in rows if row["check"] in ("FAIL", "ERROR")]
   if failures:
     lines += ["", "CORRECTNESS FAILURES:"]
-    lines += [f"  {row['mode']} {row['implementation']}: {row['error'] or row['worst_leaf']} "
-              f"{row['max_error']}" for row in failures]
+    lines += [
+      f"  {row['mode']} {row['implementation']}: {row['error'] or row['worst_leaf']} {row['max_error']}"
+      for row in failures
+    ]
   return "\n".join(lines)
 
 
@@ -329,14 +419,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per configuration (default 31)")
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--platform", default="cpu",
-                      help="JAX_PLATFORMS of the workers: cpu (host devices, the default), cuda, rocm, tpu")
-  parser.add_argument("--devices", type=int, default=None,
-                      help="devices of the shard_map and sharded jit modes (CPU: host devices, default 8; "
-                           "accelerators: the first N, default all)")
-  parser.add_argument("--prototypes", action="store_true",
-                      help="also time the layers of benchmarks.prototypes (modes without an axis name)")
-  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: write rows here
+  parser.add_argument(
+    "--platform", default="cpu", help="JAX_PLATFORMS of the workers: cpu (host devices, the default), cuda, rocm, tpu"
+  )
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    help="devices of the shard_map and sharded jit modes (CPU: host devices, default 8; "
+    "accelerators: the first N, default all)",
+  )
+  parser.add_argument(
+    "--prototypes",
+    action="store_true",
+    help="also time the layers of benchmarks.prototypes (modes without an axis name)",
+  )
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: write rows here
   args = parser.parse_args(argv)
   if args.devices is not None and args.devices < 1:
     parser.error(f"--devices must be at least 1, got {args.devices}")
@@ -354,38 +452,64 @@ def main(argv: Sequence[str] | None = None) -> int:
   layers = QUICK_LAYERS if args.quick else FULL_LAYERS
   modes = args.modes.split(",")
   if args.worker:
-    rows = run_worker(modes, layers=layers, batch_size=args.batch_size, rounds=args.rounds,
-                      warmup=1 if args.quick else 3, seed=args.seed,
-                      classes=layer_classes(args.prototypes), devices=args.devices)
+    rows = run_worker(
+      modes,
+      layers=layers,
+      batch_size=args.batch_size,
+      rounds=args.rounds,
+      warmup=1 if args.quick else 3,
+      seed=args.seed,
+      classes=layer_classes(args.prototypes),
+      devices=args.devices,
+    )
     with open(args.worker, "w") as f:
       json.dump({"rows": rows, "device": _harness.jax_device()}, f)
     return 0
   info = _harness.machine_info()
   if args.platform == "cpu":
     counts = {mode: cpu_worker_devices(mode, args.devices) for mode in modes}
-    workers = [_spawn_worker([m for m in modes if counts[m] == n], args, host_devices=n)
-               for n in sorted(set(counts.values()))]
+    workers = [
+      _spawn_worker([m for m in modes if counts[m] == n], args, host_devices=n) for n in sorted(set(counts.values()))
+    ]
   else:
     workers = [_spawn_worker(modes, args)]
   rows = [row for worker in workers for row in worker["rows"]]
   for worker in workers:
-    info.update(worker["device"])   # the platform and device kind the steps ran on
+    info.update(worker["device"])  # the platform and device kind the steps ran on
   info["load_average_end"] = os.getloadavg()
   markdown = render(rows, info, layers)
   print(markdown)
   failed = any(row["check"] in ("FAIL", "ERROR") for row in rows)
   for row in rows:
     if row["check"] in ("FAIL", "ERROR"):
-      print(f"!!! CORRECTNESS {row['check']}: {row['mode']} {row['implementation']}: "
-            f"{row['error'] or row['worst_leaf']} {row['max_error']}", file=sys.stderr)
-  verdicts = [{"target": "training throughput >= flax.linen", "implementation": row["implementation"],
-               "mode": row["mode"], "ratio": row["x_flax"],
-               "met": row["x_flax"] is not None and row["x_flax"] <= 1.0}
-              for row in rows if row["implementation"] in IMPLEMENTATIONS and row["implementation"] != BASELINE
-              and row["check"] != "skipped"]
-  payload = {"benchmark": "train", "quick": args.quick, "rounds": args.rounds, "layers": list(layers),
-             "batch_size": args.batch_size, "machine": info, "tolerance": TOLERANCE, "rows": rows,
-             "targets": verdicts, "all_checks_passed": not failed}
+      print(
+        f"!!! CORRECTNESS {row['check']}: {row['mode']} {row['implementation']}: "
+        f"{row['error'] or row['worst_leaf']} {row['max_error']}",
+        file=sys.stderr,
+      )
+  verdicts = [
+    {
+      "target": "training throughput >= flax.linen",
+      "implementation": row["implementation"],
+      "mode": row["mode"],
+      "ratio": row["x_flax"],
+      "met": row["x_flax"] is not None and row["x_flax"] <= 1.0,
+    }
+    for row in rows
+    if row["implementation"] in IMPLEMENTATIONS and row["implementation"] != BASELINE and row["check"] != "skipped"
+  ]
+  payload = {
+    "benchmark": "train",
+    "quick": args.quick,
+    "rounds": args.rounds,
+    "layers": list(layers),
+    "batch_size": args.batch_size,
+    "machine": info,
+    "tolerance": TOLERANCE,
+    "rows": rows,
+    "targets": verdicts,
+    "all_checks_passed": not failed,
+  }
   _harness.write_results(args.out, payload, markdown)
   return 1 if failed else 0
 

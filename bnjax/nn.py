@@ -7,10 +7,12 @@ defaults), and hands the statistics and the normalization to `bnjax.batch_norm`,
 
 changes nothing else in a model: checkpoints load both ways.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -152,9 +154,7 @@ class BatchNorm(linen.Module):
     Returns:
       The normalized input, x's shape, dtype `self.dtype` or promoted from x and the parameters.
     """
-    use_running_average = linen.module.merge_param(
-      "use_running_average", self.use_running_average, use_running_average
-    )
+    use_running_average = linen.module.merge_param("use_running_average", self.use_running_average, use_running_average)
     checks.check_bool(use_running_average, "use_running_average")
     x = jnp.asarray(x)
     feature_axes = checks.feature_axes(self.axis, x.ndim)

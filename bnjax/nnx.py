@@ -7,11 +7,13 @@ The layer holds flax's variables (`scale`, `bias`: `nnx.Param`; `mean`, `var`: `
 shapes and dtypes), so `nnx.state` of one loads into the other, and follows flax's train / eval convention
 (`model.train()`, `model.eval()`, `nnx.view(model, use_running_average=...)`, or the call argument).
 """
+
 from __future__ import annotations
 
 import math
 import typing as tp
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import jax
@@ -42,8 +44,10 @@ def _check_num_features(num_features: tp.Any) -> tuple[int, ...]:
   """The variables' shape: `(num_features,)` for an int, the tuple itself for a sequence of ints."""
   if isinstance(num_features, (int, np.integer)) and not isinstance(num_features, bool):
     shape = (int(num_features),)
-  elif isinstance(num_features, Sequence) and num_features and all(
-    isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in num_features
+  elif (
+    isinstance(num_features, Sequence)
+    and num_features
+    and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in num_features)
   ):
     shape = tuple(int(n) for n in num_features)
   else:
@@ -196,9 +200,7 @@ class BatchNorm(nnx.Module):
     Returns:
       The normalized input, x's shape, in the promoted dtype.
     """
-    use_running_average = first_from(
-      use_running_average, self.use_running_average, error_msg=_RUNNING_AVERAGE_MISSING
-    )
+    use_running_average = first_from(use_running_average, self.use_running_average, error_msg=_RUNNING_AVERAGE_MISSING)
     checks.check_bool(use_running_average, "use_running_average")
     x = jnp.asarray(x)
     feature_axes = checks.feature_axes(self.axis, x.ndim)

@@ -4,11 +4,10 @@ Tests run on the CPU unless JAX_PLATFORMS says otherwise (`JAX_PLATFORMS=cuda py
 A test that needs several devices is marked `@pytest.mark.devices(n)` and is skipped, with the reason, where
 fewer exist (a single GPU, say).
 """
+
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
@@ -27,5 +26,7 @@ def pytest_runtest_setup(item):
   for marker in item.iter_markers(name="devices"):
     needed = marker.args[0]
     if jax.device_count() < needed:
-      pytest.skip(f"needs {needed} devices, {jax.device_count()} {jax.default_backend()} device(s) here; "
-                  "on the CPU (the default) conftest.py provides 8")
+      pytest.skip(
+        f"needs {needed} devices, {jax.device_count()} {jax.default_backend()} device(s) here; "
+        "on the CPU (the default) conftest.py provides 8"
+      )

@@ -3,13 +3,14 @@
 `batchnorm_forward` is the article's `batchnorm(x, gamma, beta, eps)` (returning `out, cache`),
 generalised from `(N, D)` to any feature axes by moving them last and flattening the rest into rows.
 """
+
 import numpy as np
 
 
 def _to_rows(x, axes):
   rest = [i for i in range(x.ndim) if i not in axes]
   moved = np.transpose(x, rest + list(axes))
-  feature_shape = moved.shape[len(rest):]
+  feature_shape = moved.shape[len(rest) :]
   return moved.reshape(-1, int(np.prod(feature_shape))), moved.shape, rest + list(axes)
 
 
@@ -76,8 +77,11 @@ def forward_backward(x, scale, bias, dy, axes, eps=1e-5, mask=None):
   dbias = dy_rows.sum(axis=0)
   feature_shape = tuple(x.shape[a] for a in axes)
   return dict(
-      y=_from_rows(y_rows, moved_shape, order),
-      dx=_from_rows(dx_rows, moved_shape, order),
-      dscale=dscale.reshape(feature_shape), dbias=dbias.reshape(feature_shape),
-      mean=mean.reshape(feature_shape), var=var.reshape(feature_shape),
-      count=int(keep.sum()))
+    y=_from_rows(y_rows, moved_shape, order),
+    dx=_from_rows(dx_rows, moved_shape, order),
+    dscale=dscale.reshape(feature_shape),
+    dbias=dbias.reshape(feature_shape),
+    mean=mean.reshape(feature_shape),
+    var=var.reshape(feature_shape),
+    count=int(keep.sum()),
+  )

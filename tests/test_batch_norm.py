@@ -1,22 +1,26 @@
 """The functional core against a float64 NumPy reference, and its transformations."""
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+import reference_numpy as ref
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import bnjax
-import reference_numpy as ref
 
 # (shape, axis): (N, D), (N, T, D), NHWC, NCHW, tuple and negative axes.
 LAYOUTS = [
-    ((32, 6), -1),
-    ((8, 5, 6), -1),
-    ((4, 5, 3, 6), -1),
-    ((4, 6, 5, 3), 1),
-    ((4, 5, 3, 6), (1, 3)),
-    ((6, 4, 5), (-2, -1)),
+  ((32, 6), -1),
+  ((8, 5, 6), -1),
+  ((4, 5, 3, 6), -1),
+  ((4, 6, 5, 3), 1),
+  ((4, 5, 3, 6), (1, 3)),
+  ((6, 4, 5), (-2, -1)),
 ]
 
 
@@ -34,12 +38,18 @@ def _inputs(shape, axis, seed=0, loc=3.0, scale=2.0):
 def _vjp(x, params, stats, dy, **kw):
   def f(x, params):
     return bnjax.batch_norm(x, params, stats, train=True, **kw)
+
   (y, new_stats), pullback = jax.vjp(f, x, params)
   zero_stats = jax.tree.map(jnp.zeros_like, new_stats)
   zero_stats = zero_stats._replace(count=None) if new_stats.count is None else zero_stats
-  dx, dparams = pullback((dy, jax.tree.map(
-      lambda s: np.zeros(s.shape, jax.dtypes.float0) if jnp.issubdtype(s.dtype, jnp.integer)
-      else s, zero_stats)))
+  dx, dparams = pullback(
+    (
+      dy,
+      jax.tree.map(
+        lambda s: np.zeros(s.shape, jax.dtypes.float0) if jnp.issubdtype(s.dtype, jnp.integer) else s, zero_stats
+      ),
+    )
+  )
   return y, new_stats, dx, dparams
 
 
@@ -66,8 +76,11 @@ def test_running_statistics_over_five_steps_then_eval(shape, axis, unbiased):
   _, _, gamma, beta, axes = _inputs(shape, axis)
   params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
   _, stats = bnjax.init(gamma.shape)
-  step = jax.jit(lambda x, s: bnjax.batch_norm(x, params, s, train=True, axis=axis, decay=decay,
-                                               epsilon=eps, unbiased_running_var=unbiased))
+  step = jax.jit(
+    lambda x, s: bnjax.batch_norm(
+      x, params, s, train=True, axis=axis, decay=decay, epsilon=eps, unbiased_running_var=unbiased
+    )
+  )
   run_mean = np.zeros(gamma.shape)
   run_var = np.ones(gamma.shape)
   for i in range(5):
@@ -119,15 +132,22 @@ def test_mask_all_false_leaves_running_statistics():
     y, new_stats = bnjax.batch_norm(x, params, stats, train=True, mask=mask)
     chex.assert_trees_all_close(new_stats, stats)
     np.testing.assert_array_equal(y, jnp.broadcast_to(params.bias, x.shape))
-    grads = jax.grad(lambda x, p: jnp.sum(bnjax.batch_norm(x, p, stats, train=True, mask=mask)[0] ** 2),
-                     argnums=(0, 1))(x, params)
+    grads = jax.grad(
+      lambda x, p: jnp.sum(bnjax.batch_norm(x, p, stats, train=True, mask=mask)[0] ** 2), argnums=(0, 1)
+    )(x, params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   # One empty feature among others: only it gives the bias and keeps its statistics.
   mask = np.ones((8, 3), bool)
   mask[:, 1] = False
   y, new_stats = bnjax.batch_norm(x, params, stats, train=True, mask=mask)
   np.testing.assert_array_equal(y[:, 1], 1.0)
-  np.testing.assert_allclose(y[:, 0], bnjax.batch_norm(x[:, :1], params._replace(scale=params.scale[:1], bias=params.bias[:1]), bnjax.init(1)[1], train=True)[0][:, 0], atol=1e-6)
+  np.testing.assert_allclose(
+    y[:, 0],
+    bnjax.batch_norm(
+      x[:, :1], params._replace(scale=params.scale[:1], bias=params.bias[:1]), bnjax.init(1)[1], train=True
+    )[0][:, 0],
+    atol=1e-6,
+  )
   assert new_stats.mean[1] == stats.mean[1] and new_stats.mean[0] != stats.mean[0]
 
 
@@ -139,8 +159,9 @@ def test_low_precision_inputs_accumulate_in_float32(dtype, atol):
   _, stats = bnjax.init(8)
   y, new_stats, dx, _ = _vjp(xl, params, stats, jnp.asarray(dy).astype(dtype))
   # The reference sees the same rounded input, so only the computation's error is measured.
-  want = ref.forward_backward(np.asarray(xl.astype(jnp.float32)), gamma, beta,
-                              np.asarray(jnp.asarray(dy).astype(dtype).astype(jnp.float32)), axes)
+  want = ref.forward_backward(
+    np.asarray(xl.astype(jnp.float32)), gamma, beta, np.asarray(jnp.asarray(dy).astype(dtype).astype(jnp.float32)), axes
+  )
   assert y.dtype == dtype and dx.dtype == dtype
   assert new_stats.mean.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y, np.float32), want["y"], atol=atol * 4, rtol=atol)
@@ -158,8 +179,9 @@ def test_variance_is_exact_when_the_mean_dwarfs_the_spread():
   np.testing.assert_allclose(var, np.var(np.asarray(x, np.float64), axis=0), rtol=1e-3)
 
 
-@pytest.mark.parametrize("kw", [{}, {"mask": np.arange(36).reshape(12, 3) % 4 > 0},
-                                {"virtual_batch_size": 4}, {"axis": (0, 2)}])
+@pytest.mark.parametrize(
+  "kw", [{}, {"mask": np.arange(36).reshape(12, 3) % 4 > 0}, {"virtual_batch_size": 4}, {"axis": (0, 2)}]
+)
 def test_derivatives_to_second_order_forward_and_reverse(kw):
   with jax.enable_x64(True):
     shape = (12, 3, 2)
@@ -173,8 +195,7 @@ def test_derivatives_to_second_order_forward_and_reverse(kw):
     bias = 0.1 * jnp.ones(fshape, jnp.float64)
 
     def f(x, scale, bias):
-      y, s = bnjax.batch_norm(x, bnjax.BatchNormParams(scale, bias), stats, train=True,
-                              axis=axis, **kw)
+      y, s = bnjax.batch_norm(x, bnjax.BatchNormParams(scale, bias), stats, train=True, axis=axis, **kw)
       return y, s.mean, s.var
 
     jax.test_util.check_grads(f, (x, scale, bias), order=2, modes=("fwd", "rev"))
@@ -192,12 +213,14 @@ def test_custom_rule_agrees_with_plain_autodiff_of_the_formula():
   def ours(x, g, b):
     return bnjax.batch_norm(x, bnjax.BatchNormParams(g, b), stats, train=True)[0]
 
-  loss = lambda fn: lambda *a: jnp.sum(jnp.tanh(fn(*a)) * dy[:a[0].shape[0]])
-  chex.assert_trees_all_close(jax.grad(loss(ours), (0, 1, 2))(x, gamma, beta),
-                              jax.grad(loss(plain), (0, 1, 2))(x, gamma, beta), atol=2e-5)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.tanh(fn(*a)) * dy[: a[0].shape[0]])
+  chex.assert_trees_all_close(
+    jax.grad(loss(ours), (0, 1, 2))(x, gamma, beta), jax.grad(loss(plain), (0, 1, 2))(x, gamma, beta), atol=2e-5
+  )
   tangent = (dy, gamma, beta)
-  chex.assert_trees_all_close(jax.jvp(ours, (x, gamma, beta), tangent),
-                              jax.jvp(plain, (x, gamma, beta), tangent), atol=2e-5)
+  chex.assert_trees_all_close(
+    jax.jvp(ours, (x, gamma, beta), tangent), jax.jvp(plain, (x, gamma, beta), tangent), atol=2e-5
+  )
   h_ours = jax.hessian(lambda x: loss(ours)(x, gamma, beta))(x[:8])
   h_plain = jax.hessian(lambda x: loss(plain)(x, gamma, beta))(x[:8])
   np.testing.assert_allclose(h_ours, h_plain, atol=5e-4)
@@ -243,8 +266,7 @@ def test_no_retracing_for_new_array_values():
 
 def test_running_rules():
   params, stats = bnjax.init(3)
-  batches = [np.random.default_rng(i).normal(i, 1 + i, (10, 3)).astype(np.float32)
-             for i in range(4)]
+  batches = [np.random.default_rng(i).normal(i, 1 + i, (10, 3)).astype(np.float32) for i in range(4)]
   means = [b.mean(0) for b in batches]
   s_deb, s_cum = stats, stats
   for b in batches:
@@ -262,10 +284,9 @@ def test_virtual_batches_normalize_each_group_alone():
   params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
   _, stats = bnjax.init(3)
   y, new_stats = bnjax.batch_norm(x, params, stats, train=True, virtual_batch_size=4)
-  groups = [ref.forward_backward(x[i:i + 4], gamma, beta, x[i:i + 4], axes) for i in (0, 4, 8)]
+  groups = [ref.forward_backward(x[i : i + 4], gamma, beta, x[i : i + 4], axes) for i in (0, 4, 8)]
   np.testing.assert_allclose(y, np.concatenate([g["y"] for g in groups]), atol=1e-5)
-  np.testing.assert_allclose(new_stats.mean, 0.01 * np.mean([g["mean"] for g in groups], 0),
-                             atol=1e-6)
+  np.testing.assert_allclose(new_stats.mean, 0.01 * np.mean([g["mean"] for g in groups], 0), atol=1e-6)
 
 
 def test_moments_and_normalize_are_the_pieces_of_train_mode():
@@ -328,8 +349,9 @@ def test_per_element_mask_each_feature_over_its_own_values(shape, axis):
   moved = lambda a: np.moveaxis(a, axes[0], -1).reshape(-1, gamma.size)  # noqa: E731
   xs, dys, ms, ys, dxs = (moved(a) for a in (x, dy, mask, y, dx))
   for j in range(gamma.size):
-    want = ref.forward_backward(xs[:, j:j + 1], gamma[j:j + 1], beta[j:j + 1], dys[:, j:j + 1], (1,),
-                                mask=ms[:, j])
+    want = ref.forward_backward(
+      xs[:, j : j + 1], gamma[j : j + 1], beta[j : j + 1], dys[:, j : j + 1], (1,), mask=ms[:, j]
+    )
     np.testing.assert_allclose(ys[:, j], want["y"][:, 0], atol=1e-5)
     np.testing.assert_allclose(dxs[:, j], want["dx"][:, 0], atol=1e-5)
     np.testing.assert_allclose(dparams.scale[j], want["dscale"][0], rtol=1e-4, atol=1e-4)
@@ -355,8 +377,9 @@ def test_complex_input_complex_mean_real_variance_and_gradients():
   def loss(f):
     return lambda x, s: jnp.sum(jnp.abs(f(x, s) - 0.3j) ** 2)
 
-  got = jax.grad(loss(lambda x, s: bnjax.batch_norm(x, params._replace(scale=s), stats, train=True)[0]),
-                 argnums=(0, 1))(x, params.scale)
+  got = jax.grad(
+    loss(lambda x, s: bnjax.batch_norm(x, params._replace(scale=s), stats, train=True)[0]), argnums=(0, 1)
+  )(x, params.scale)
   want = jax.grad(loss(formula), argnums=(0, 1))(x, params.scale)
   chex.assert_trees_all_close(got, want, atol=1e-5)
 
@@ -372,8 +395,7 @@ def test_per_example_vmap_with_axis_name_equals_the_batch(shape):
     return jnp.sum(y * dy), new_stats
 
   (_, stats0), grads0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
-  per_example = jax.vmap(lambda x, dy: bnjax.batch_norm(x, params, stats, train=True, axis_name="b")[0],
-                         axis_name="b")
+  per_example = jax.vmap(lambda x, dy: bnjax.batch_norm(x, params, stats, train=True, axis_name="b")[0], axis_name="b")
   # (N, T, D): each example's T values are summed before the named axis, another order than the batch's.
   np.testing.assert_allclose(per_example(x, dy), bnjax.batch_norm(x, params, stats, train=True)[0], atol=1e-6)
   grad_x = jax.grad(lambda x: jnp.sum(per_example(x, dy) * dy))(x)
@@ -414,7 +436,7 @@ def test_property_broadcastable_masks_per_feature(data):
   ones = data.draw(st.lists(st.booleans(), min_size=ndim, max_size=ndim), label="size_one")
   mask_shape = tuple(1 if one else d for d, one in zip(shape, ones))
   leading_ones = next((i for i, m in enumerate(mask_shape) if m != 1), ndim)
-  mask_shape = mask_shape[data.draw(st.integers(0, min(leading_ones, ndim - 1)), label="dropped"):]
+  mask_shape = mask_shape[data.draw(st.integers(0, min(leading_ones, ndim - 1)), label="dropped") :]
   # A mask shaped like x without its feature axes is the row form, whatever its rank.
   assume(mask_shape != tuple(d for i, d in enumerate(shape) if i not in axes))
   x, _, gamma, beta, _ = _inputs(shape, axes, seed=seed)
@@ -422,8 +444,9 @@ def test_property_broadcastable_masks_per_feature(data):
   full = np.broadcast_to(mask, shape)
   params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
   _, stats = bnjax.init(gamma.shape)
-  y, new_stats = jax.jit(lambda x, m: bnjax.batch_norm(x, params, stats, train=True, axis=axes, mask=m,
-                                                       decay=0.0))(x, mask)
+  y, new_stats = jax.jit(lambda x, m: bnjax.batch_norm(x, params, stats, train=True, axis=axes, mask=m, decay=0.0))(
+    x, mask
+  )
   rest = [i for i in range(ndim) if i not in axes]
   to_rows = lambda a: np.transpose(a, rest + list(axes)).reshape(-1, gamma.size)  # noqa: E731
   xr, mr, yr = to_rows(x.astype(np.float64)), to_rows(full), to_rows(np.asarray(y))

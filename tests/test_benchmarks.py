@@ -3,6 +3,7 @@
 Nothing here asserts anything about speed: --quick exists to prove that every implementation runs and agrees
 with the float64 reference, and that a disagreement fails the run.
 """
+
 import dataclasses
 import json
 
@@ -34,8 +35,11 @@ def test_ops_quick_every_implementation_runs_and_passes(tmp_path):
     for impl in ops.IMPLEMENTATIONS:
       if impl.supports(case):
         assert (case.label, impl.name) in present, (case.label, impl.name)
-  failures = [(row["case"], row["implementation"], row["error"] or row["max_errors"])
-              for row in rows if row["check"] not in ("pass", "n/a")]
+  failures = [
+    (row["case"], row["implementation"], row["error"] or row["max_errors"])
+    for row in rows
+    if row["check"] not in ("pass", "n/a")
+  ]
   assert not failures
   assert status == 0 and results["all_checks_passed"]
   # Only the floor goes unchecked; everything else compared every output array it must produce.
@@ -46,7 +50,7 @@ def test_ops_quick_every_implementation_runs_and_passes(tmp_path):
       expected = {"y", "mean", "var"} if row["mode"] == "fwd" else {"dx", "dscale", "dbias", "mean", "var"}
       assert set(row["max_errors"]) == expected, row
     assert row["rounds"] == results["rounds"] and row["median_ms"] > 0
-  for row in rows:   # both torch layouts appear for NHWC, and the best of them is named
+  for row in rows:  # both torch layouts appear for NHWC, and the best of them is named
     if len(row["shape"]) == 4 and row["implementation"] != ops.FLOOR:
       assert row["torch_best"].startswith(("torch NCHW", "torch channels_last"))
   assert {v["shape"][0] for v in results["targets"]} == {s[0] for s in ops.QUICK_SHAPES}
@@ -60,7 +64,7 @@ def _wrong_forward(bug):
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=axes)
     var = jnp.var(x32, axis=axes, ddof=1 if bug == "unbiased variance in y" else 0)
-    if bug == "statistics treated as constants":   # forward right, backward misses d(mean)/dx, d(var)/dx
+    if bug == "statistics treated as constants":  # forward right, backward misses d(mean)/dx, d(var)/dx
       mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
     y = (x32 - mean) * jax.lax.rsqrt(var + ops.EPSILON) * scale + bias
     running_mean, running_var = state
@@ -68,29 +72,42 @@ def _wrong_forward(bug):
       running_mean = ops.DECAY * running_mean + (1 - ops.DECAY) * mean
       running_var = ops.DECAY * running_var + (1 - ops.DECAY) * var
     return y.astype(x.dtype), (running_mean, running_var)
+
   return forward
 
 
 def _wrong_implementation(bug):
   def build(case, data):
     return ops.jax_prepared(  # pylint: disable=protected-access
-        case, _wrong_forward(bug), jnp.asarray(data.x), (jnp.asarray(data.scale), jnp.asarray(data.bias)),
-        (jnp.asarray(data.mean0), jnp.asarray(data.var0)), jnp.asarray(data.cotangent),
-        running=lambda s: s, param_grads=lambda p: p,
-        rule=_reference.ema_rule(data.mean0, data.var0, data.decay))
+      case,
+      _wrong_forward(bug),
+      jnp.asarray(data.x),
+      (jnp.asarray(data.scale), jnp.asarray(data.bias)),
+      (jnp.asarray(data.mean0), jnp.asarray(data.var0)),
+      jnp.asarray(data.cotangent),
+      running=lambda s: s,
+      param_grads=lambda p: p,
+      rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
+    )
+
   return ops.Implementation(f"wrong: {bug}", build)
 
 
-@pytest.mark.parametrize("bug, mode, caught", [
+@pytest.mark.parametrize(
+  "bug, mode, caught",
+  [
     ("unbiased variance in y", "fwd", {"y", "var"}),
     ("statistics treated as constants", "fwd_bwd", {"dx"}),
     ("running statistics not updated", "fwd", {"mean", "var"}),
-])
+  ],
+)
 def test_ops_check_fails_a_wrong_implementation(bug, mode, caught):
   case = ops.Case((32, 16), "float32", mode)
   reference_impl = next(impl for impl in ops.IMPLEMENTATIONS if impl.name == "jnp+autodiff")
-  rows = {row.implementation: row for row in ops.run_case(
-      case, [reference_impl, _wrong_implementation(bug)], rounds=1, warmup=0)}
+  rows = {
+    row.implementation: row
+    for row in ops.run_case(case, [reference_impl, _wrong_implementation(bug)], rounds=1, warmup=0)
+  }
   assert rows["jnp+autodiff"].check == "pass"
   wrong = rows[f"wrong: {bug}"]
   assert wrong.check == "FAIL"
@@ -101,13 +118,17 @@ def test_ops_check_fails_a_wrong_implementation(bug, mode, caught):
 def test_ops_wrong_implementation_makes_the_run_fail(tmp_path, capsys):
   impls = [impl for impl in ops.IMPLEMENTATIONS if impl.name in (ops.BASELINE, ops.FLOOR)]
   impls.append(_wrong_implementation("statistics treated as constants"))
-  status = ops.main(["--quick", "--dtypes", "float32", "--modes", "fwd_bwd", "--out", str(tmp_path)],
-                    implementations=impls)
+  status = ops.main(
+    ["--quick", "--dtypes", "float32", "--modes", "fwd_bwd", "--out", str(tmp_path)], implementations=impls
+  )
   assert status == 1
   results = _load(tmp_path)
   assert not results["all_checks_passed"]
   assert {row["implementation"]: row["check"] for row in results["rows"]} == {
-      ops.BASELINE: "pass", ops.FLOOR: "n/a", "wrong: statistics treated as constants": "FAIL"}
+    ops.BASELINE: "pass",
+    ops.FLOOR: "n/a",
+    "wrong: statistics treated as constants": "FAIL",
+  }
   assert "CORRECTNESS FAIL" in capsys.readouterr().err
 
 
@@ -124,8 +145,9 @@ def test_reference_matches_finite_differences():
     numeric = (loss(x + dx, scale, bias) - loss(x - dx, scale, bias)) / (2 * step)
     np.testing.assert_allclose(ref.dx[i, j], numeric, rtol=1e-5)
   e = np.eye(3)[1] * step
-  np.testing.assert_allclose(ref.dscale[1], (loss(x, scale + e, bias) - loss(x, scale - e, bias)) / (2 * step),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    ref.dscale[1], (loss(x, scale + e, bias) - loss(x, scale - e, bias)) / (2 * step), rtol=1e-5
+  )
   np.testing.assert_allclose(ref.dbias[1], g[:, 1].sum(), rtol=1e-12)
   np.testing.assert_allclose(ref.y.mean(0), bias, atol=1e-12)
 
@@ -134,14 +156,13 @@ def test_harness_round_robin_interleaves_and_aligns_rounds():
   log = []
   calls = {name: (lambda name=name: log.append(name)) for name in "abc"}
   setups = []
-  samples = _harness.round_robin(calls, rounds=4, warmup=1, seed=3,
-                                 setups={"b": lambda: setups.append(len(log))})
-  assert setups == [log.index("b", i) for i in setups]     # b's setup ran right before every call of b
+  samples = _harness.round_robin(calls, rounds=4, warmup=1, seed=3, setups={"b": lambda: setups.append(len(log))})
+  assert setups == [log.index("b", i) for i in setups]  # b's setup ran right before every call of b
   assert len(setups) == 5
-  assert log[:3] == ["a", "b", "c"]                       # warm-up, once each
+  assert log[:3] == ["a", "b", "c"]  # warm-up, once each
   timed = log[3:]
-  assert all(sorted(timed[3 * r:3 * r + 3]) == ["a", "b", "c"] for r in range(4))   # one of each per round
-  assert len({tuple(timed[3 * r:3 * r + 3]) for r in range(4)}) > 1                 # order varies
+  assert all(sorted(timed[3 * r : 3 * r + 3]) == ["a", "b", "c"] for r in range(4))  # one of each per round
+  assert len({tuple(timed[3 * r : 3 * r + 3]) for r in range(4)}) > 1  # order varies
   assert all(len(s.seconds) == len(s.minor_faults) == 4 for s in samples.values())
   fast = _harness.Samples(seconds=[1.0, 2.0, 4.0])
   slow = _harness.Samples(seconds=[2.0, 4.0, 8.0])
@@ -154,7 +175,8 @@ def test_train_quick_every_configuration_runs_and_passes(tmp_path):
   results = _load(tmp_path)
   rows = results["rows"]
   assert {(row["mode"], row["implementation"]) for row in rows} == {
-      (mode, name) for mode in train.MODES for name in train.IMPLEMENTATIONS}
+    (mode, name) for mode in train.MODES for name in train.IMPLEMENTATIONS
+  }
   assert all(row["check"] == "pass" for row in rows), [(r["mode"], r["implementation"], r["error"]) for r in rows]
   assert {row["mode"]: row["devices"] for row in rows} == train.WORKER_DEVICES
   assert all(row["examples_per_s"] > 0 and row["rounds"] == results["rounds"] for row in rows)
@@ -162,14 +184,17 @@ def test_train_quick_every_configuration_runs_and_passes(tmp_path):
 
 
 def test_train_prototype_layers_and_modes_without_enough_devices(tmp_path):
-  status = train.main(["--quick", "--prototypes", "--modes", "1 device,shard_map", "--devices", "1",
-                       "--out", str(tmp_path)])
+  status = train.main(
+    ["--quick", "--prototypes", "--modes", "1 device,shard_map", "--devices", "1", "--out", str(tmp_path)]
+  )
   rows = {(row["mode"], row["implementation"]): row for row in _load(tmp_path)["rows"]}
   names = list(train.IMPLEMENTATIONS) + list(prototypes.LAYER_STATS)
   assert set(rows) == {(mode, name) for mode in ("1 device", "shard_map") for name in names}
   assert all(rows["1 device", name]["check"] == "pass" for name in names), rows
-  assert all(rows["shard_map", name]["check"] == "skipped" and "at least 2 devices" in rows["shard_map", name]["error"]
-             for name in names)
+  assert all(
+    rows["shard_map", name]["check"] == "skipped" and "at least 2 devices" in rows["shard_map", name]["error"]
+    for name in names
+  )
   assert status == 0
 
 
@@ -178,14 +203,28 @@ def test_train_on_an_accelerator_runs_one_worker_on_its_own_devices(tmp_path, mo
 
   def fake_worker(modes, args, host_devices=None):
     spawned.append((list(modes), args.platform, host_devices))
-    rows = [dataclasses.asdict(train.Row(mode=mode, implementation=name, devices=1, batch_size=8, layers=[],
-                                         median_ms=1.0, x_flax=1.0, check="pass", max_error=0.0))
-            for mode in modes for name in ("bnjax", train.BASELINE)]
+    rows = [
+      dataclasses.asdict(
+        train.Row(
+          mode=mode,
+          implementation=name,
+          devices=1,
+          batch_size=8,
+          layers=[],
+          median_ms=1.0,
+          x_flax=1.0,
+          check="pass",
+          max_error=0.0,
+        )
+      )
+      for mode in modes
+      for name in ("bnjax", train.BASELINE)
+    ]
     return {"rows": rows, "device": {"jax_backend": "gpu", "jax_device": "NVIDIA H100"}}
 
   monkeypatch.setattr(train, "_spawn_worker", fake_worker)
   assert train.main(["--quick", "--platform", "cuda", "--out", str(tmp_path)]) == 0
-  assert spawned == [(list(train.MODES), "cuda", None)]   # no host-device flags, every mode in one process
+  assert spawned == [(list(train.MODES), "cuda", None)]  # no host-device flags, every mode in one process
   results = _load(tmp_path)
   assert "NVIDIA H100 (gpu)" in (tmp_path / "results.md").read_text()
   assert [t["implementation"] for t in results["targets"]] == ["bnjax"] * len(train.MODES)
@@ -194,7 +233,8 @@ def test_train_on_an_accelerator_runs_one_worker_on_its_own_devices(tmp_path, mo
 
 def test_prototype_layer_matches_flax_and_refuses_an_axis_name():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  x = 1e4 + jax.random.normal(jax.random.key(0), (64, 8))   # the guarded layer must take its exact branch
+
+  x = 1e4 + jax.random.normal(jax.random.key(0), (64, 8))  # the guarded layer must take its exact branch
   flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.9, use_fast_variance=False)
   variables = flax_layer.init(jax.random.key(1), x)
   want, want_state = flax_layer.apply(variables, x, mutable=["batch_stats"])
@@ -210,7 +250,7 @@ def test_prototype_layer_matches_flax_and_refuses_an_axis_name():
 def test_train_check_fails_a_wrong_layer():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
-  class BatchNorm(nn.BatchNorm):   # flax's fields and name, so its variables get the same paths
+  class BatchNorm(nn.BatchNorm):  # flax's fields and name, so its variables get the same paths
     """flax.linen.BatchNorm's variables and forward, but the batch statistics treated as constants in the
     backward: the loss of the first step is right, the gradients are not."""
 
@@ -228,16 +268,23 @@ def test_train_check_fails_a_wrong_layer():
         running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
       return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
-  rows = train.run_worker(["1 device"], layers=train.QUICK_LAYERS, batch_size=16, rounds=1, warmup=0,
-                          classes={train.BASELINE: nn.BatchNorm, "wrong": BatchNorm})
+  rows = train.run_worker(
+    ["1 device"],
+    layers=train.QUICK_LAYERS,
+    batch_size=16,
+    rounds=1,
+    warmup=0,
+    classes={train.BASELINE: nn.BatchNorm, "wrong": BatchNorm},
+  )
   checks = {row["implementation"]: row["check"] for row in rows}
   assert checks == {train.BASELINE: "pass", "wrong": "FAIL"}, [row["error"] for row in rows]
   wrong = next(row for row in rows if row["implementation"] == "wrong")
-  assert wrong["worst_leaf"].startswith("[0]")   # caught in the updated state (gradients), not the loss
+  assert wrong["worst_leaf"].startswith("[0]")  # caught in the updated state (gradients), not the loss
 
 
 def test_hlo_anatomy_counts_passes_and_temporaries():
   from benchmarks import hlo  # pylint: disable=g-import-not-at-top
+
   counts = {}
   for mode in ops.MODES:
     case = ops.Case((64, 32), "float32", mode)
@@ -270,9 +317,22 @@ def test_combine_takes_medians_over_runs(tmp_path):
   from benchmarks import combine  # pylint: disable=g-import-not-at-top
 
   def run(ms, ratio):
-    row = dataclasses.asdict(ops.Row(case="fwd float32 8x4", mode="fwd", dtype="float32", shape=[8, 4],
-                                     implementation="bnjax", family="jax", note="", median_ms=ms, x_flax=ratio,
-                                     rounds=3, check="pass", max_errors={"y": 1e-7}))
+    row = dataclasses.asdict(
+      ops.Row(
+        case="fwd float32 8x4",
+        mode="fwd",
+        dtype="float32",
+        shape=[8, 4],
+        implementation="bnjax",
+        family="jax",
+        note="",
+        median_ms=ms,
+        x_flax=ratio,
+        rounds=3,
+        check="pass",
+        max_errors={"y": 1e-7},
+      )
+    )
     return {"all_checks_passed": True, "rows": [row]}
 
   (row,) = combine.combine([run(1.0, 0.5), run(9.0, 0.9), run(2.0, 0.6)])
@@ -287,8 +347,11 @@ def test_known_deviations_cover_only_their_arrays_and_never_bnjax():
   nhwc = ops.Case((64, 32, 32, 64), "bfloat16", "fwd_bwd")
   assert ops.known_deviation(nhwc, "haiku", {"dbias", "dscale"})  # pylint: disable=protected-access
   assert not ops.known_deviation(nhwc, "haiku", {"dbias", "dx"})  # pylint: disable=protected-access
-  assert not ops.known_deviation(ops.Case((4096, 1024), "bfloat16", "fwd_bwd"), "haiku",  # pylint: disable=protected-access
-                                  {"dbias"})
+  assert not ops.known_deviation(
+    ops.Case((4096, 1024), "bfloat16", "fwd_bwd"),
+    "haiku",  # pylint: disable=protected-access
+    {"dbias"},
+  )
   assert not ops.known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})  # pylint: disable=protected-access
   assert all(deviation.implementation != "bnjax" for deviation in ops.KNOWN_DEVIATIONS)
 
@@ -297,9 +360,21 @@ def test_combine_train_takes_medians_over_runs():
   from benchmarks import combine  # pylint: disable=g-import-not-at-top
 
   def run(ms, ratio):
-    row = dataclasses.asdict(train.Row(mode="1 device", implementation="bnjax", devices=1, batch_size=8,
-                                       layers=[4, 2], median_ms=ms, examples_per_s=8e3 / ms, x_flax=ratio,
-                                       rounds=3, check="pass", max_error=1e-7))
+    row = dataclasses.asdict(
+      train.Row(
+        mode="1 device",
+        implementation="bnjax",
+        devices=1,
+        batch_size=8,
+        layers=[4, 2],
+        median_ms=ms,
+        examples_per_s=8e3 / ms,
+        x_flax=ratio,
+        rounds=3,
+        check="pass",
+        max_error=1e-7,
+      )
+    )
     return {"all_checks_passed": True, "rows": [row]}
 
   (row,) = combine.combine_train([run(1.0, 0.9), run(4.0, 1.2), run(2.0, 1.0)])
@@ -310,14 +385,31 @@ def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
   from benchmarks import combine  # pylint: disable=g-import-not-at-top
 
   def row(dtype, implementation, ms, ratio):
-    return dataclasses.asdict(ops.Row(case=f"fwd {dtype} 8x4", mode="fwd", dtype=dtype, shape=[8, 4],
-                                      implementation=implementation, family="jax", note="", median_ms=ms,
-                                      x_flax=ratio, rounds=3, check="pass", max_errors={"y": 1e-7}))
+    return dataclasses.asdict(
+      ops.Row(
+        case=f"fwd {dtype} 8x4",
+        mode="fwd",
+        dtype=dtype,
+        shape=[8, 4],
+        implementation=implementation,
+        family="jax",
+        note="",
+        median_ms=ms,
+        x_flax=ratio,
+        rounds=3,
+        check="pass",
+        max_errors={"y": 1e-7},
+      )
+    )
 
   run_dir = tmp_path / "run"
   run_dir.mkdir()
-  rows = [row("float32", "bnjax", 1.0, 0.5), row("float32", ops.BASELINE, 2.0, 1.0),
-          row("bfloat16", "bnjax", 3.0, 0.25), row("bfloat16", ops.BASELINE, 12.0, 1.0)]
+  rows = [
+    row("float32", "bnjax", 1.0, 0.5),
+    row("float32", ops.BASELINE, 2.0, 1.0),
+    row("bfloat16", "bnjax", 3.0, 0.25),
+    row("bfloat16", ops.BASELINE, 12.0, 1.0),
+  ]
   (run_dir / "results.json").write_text(json.dumps({"benchmark": "ops", "all_checks_passed": True, "rows": rows}))
   assert combine.main([str(run_dir), "--summary", "--dtype", "bfloat16"]) == 0
   table = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Tests of experiments.checkpoint: whole-state round trips, keep-last-k, atomic saves, bit-identical resume."""
+
 import builtins
 import functools
 import os
@@ -40,7 +41,7 @@ def data():
   return experiments.data.load_dataset("digits", seed=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _initial_state(seed):
   return training.create_train_state(MODEL, TX, np.zeros((1, 64), np.float32), rng=jax.random.key(seed))
 
@@ -50,7 +51,7 @@ def fresh_state(data, seed=SEED):
   return jax.tree.map(jnp.copy, _initial_state(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def step_fn():
   return training.make_train_step(MODEL, TX)
 

@@ -18,6 +18,7 @@ reference, so any difference from the peer is a failure:
 Float32 forward results are compared bit for bit where flax's two-pass statistics give identical bits,
 within 1e-6 otherwise. The flax runs are cached: one run is both the flax variant and bnjax's reference.
 """
+
 import contextlib
 import functools
 from collections.abc import Callable
@@ -53,13 +54,14 @@ _LINEN = {"flax": FLAX_LINEN, "bnjax": bnn.BatchNorm}
 _NNX = {"flax": FLAX_NNX, "bnjax": bnnx.BatchNorm}
 
 
-def _flax_core(x, params, stats, *, train, decay=0.99, epsilon=EPS, axis_name=None, mask=None,
-               allow_batch_of_one=None):
+def _flax_core(x, params, stats, *, train, decay=0.99, epsilon=EPS, axis_name=None, mask=None, allow_batch_of_one=None):
   """`bnjax.batch_norm`'s signature on flax.linen.BatchNorm (a batch of one is always allowed there)."""
   del allow_batch_of_one
   layer = FLAX_LINEN(use_running_average=not train, momentum=decay, epsilon=epsilon, axis_name=axis_name)
-  variables = {"params": {"scale": params.scale, "bias": params.bias},
-               "batch_stats": {"mean": stats.mean, "var": stats.var}}
+  variables = {
+    "params": {"scale": params.scale, "bias": params.bias},
+    "batch_stats": {"mean": stats.mean, "var": stats.var},
+  }
   y, updates = layer.apply(variables, x, mask=mask, mutable=["batch_stats"])
   return y, bnjax.BatchStats(updates["batch_stats"]["mean"], updates["batch_stats"]["var"])
 
@@ -103,8 +105,10 @@ def _bn_variables(seed=0):
   def draw(lo, hi):
     return jnp.asarray(rng.uniform(lo, hi, F), jnp.float32)
 
-  return {"params": {"scale": draw(0.5, 1.5), "bias": draw(-1.0, 1.0)},
-          "batch_stats": {"mean": draw(-1.0, 1.0), "var": draw(0.5, 2.0)}}
+  return {
+    "params": {"scale": draw(0.5, 1.5), "bias": draw(-1.0, 1.0)},
+    "batch_stats": {"mean": draw(-1.0, 1.0), "var": draw(0.5, 2.0)},
+  }
 
 
 def _core_args(variables):
@@ -167,12 +171,15 @@ def _expected(x, variables, mean, var, train):
   y = (np.asarray(x, np.float64) - mean) / np.sqrt(var + EPS) * np.asarray(p["scale"]) + np.asarray(p["bias"])
   if not train:
     return y, s
-  return y, {"mean": DECAY * np.asarray(s["mean"]) + (1 - DECAY) * mean,
-             "var": DECAY * np.asarray(s["var"]) + (1 - DECAY) * var}
+  return y, {
+    "mean": DECAY * np.asarray(s["mean"]) + (1 - DECAY) * mean,
+    "var": DECAY * np.asarray(s["var"]) + (1 - DECAY) * var,
+  }
 
 
 class _MLP(nn.Module):
   """Dense -> BatchNorm -> relu -> Dense, the model of flax's batch-norm guide."""
+
   bn: Callable[..., nn.Module]
 
   @nn.compact
@@ -384,15 +391,17 @@ def _vmap_step(api, bn, example):
     stats = _core_args(variables)[1]
 
     def one(x, params):
-      y, new = bn(x, bnjax.BatchNormParams(params["scale"], params["bias"]), stats, train=True, decay=DECAY,
-                  axis_name="batch")
+      y, new = bn(
+        x, bnjax.BatchNormParams(params["scale"], params["bias"]), stats, train=True, decay=DECAY, axis_name="batch"
+      )
       return y, {"batch_stats": {"mean": new.mean, "var": new.var}}
 
     step = jax.vmap(one, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
   else:
     layer = bn(use_running_average=False, momentum=DECAY, axis_name="batch")
-    apply = jax.vmap(functools.partial(layer.apply, mutable=["batch_stats"]), in_axes=(None, 0),
-                     out_axes=(0, None), axis_name="batch")
+    apply = jax.vmap(
+      functools.partial(layer.apply, mutable=["batch_stats"]), in_axes=(None, 0), out_axes=(0, None), axis_name="batch"
+    )
     step = functools.partial(_apply, apply, variables)
 
   def loss(x, params):
@@ -416,8 +425,7 @@ def test_linen_vmap_per_example(linen_bn, example):
   x = _normal((5,) + example, 1)
   # Initialised on one unbatched example: init neither synchronises nor moves the statistics.
   layer = linen_bn(use_running_average=False, momentum=DECAY, axis_name="batch")
-  _assert_same(layer.init(jax.random.key(0), x[0]),
-               FLAX_LINEN(use_running_average=False).init(jax.random.key(0), x[0]))
+  _assert_same(layer.init(jax.random.key(0), x[0]), FLAX_LINEN(use_running_average=False).init(jax.random.key(0), x[0]))
   y, stats, grads = _vmap_step("linen", linen_bn, example)
   y_ref, stats_ref, grads_ref = _vmap_step("linen", None, example)
   _assert_same((y, stats), (y_ref, stats_ref))
@@ -496,13 +504,13 @@ def _mask_cases():
   pixels = rng.random((2, 3, 3)) < 0.6
   full = rng.random((2, 3, 3, F)) < 0.6
   return {
-      "per_element": ((6, F), per_element, per_element),
-      "all_true_features": ((6, F), np.ones(F, bool), np.ones(F, bool)),
-      "column": ((6, F), rows[:, None], rows[:, None]),
-      # bnjax's own row form; flax broadcasts masks from the right, so it needs (N, 1).
-      "row": ((6, F), rows[:, None], rows),
-      "nhwc_pixels": ((2, 3, 3, F), pixels[..., None], pixels[..., None]),
-      "nhwc_full": ((2, 3, 3, F), full, full),
+    "per_element": ((6, F), per_element, per_element),
+    "all_true_features": ((6, F), np.ones(F, bool), np.ones(F, bool)),
+    "column": ((6, F), rows[:, None], rows[:, None]),
+    # bnjax's own row form; flax broadcasts masks from the right, so it needs (N, 1).
+    "row": ((6, F), rows[:, None], rows),
+    "nhwc_pixels": ((2, 3, 3, F), pixels[..., None], pixels[..., None]),
+    "nhwc_full": ((2, 3, 3, F), full, full),
   }
 
 
@@ -521,8 +529,9 @@ def _linen_mask_step(bn, case, impl, jit):
   layer = bn(use_running_average=False, momentum=DECAY)
 
   def loss(params, x, mask):
-    y, updates = layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mask=mask,
-                             mutable=["batch_stats"])
+    y, updates = layer.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, x, mask=mask, mutable=["batch_stats"]
+    )
     return jnp.sum(y * cotangent), (y, updates["batch_stats"])
 
   grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -635,15 +644,15 @@ def test_core_mask_synchronised_uneven_counts(transform):
   if transform == "vmap":
     y, new_stats = jax.jit(jax.vmap(f, out_axes=(0, None), axis_name="batch"))(x, mask)
   else:
-    y, new_stats = jax.jit(jax.shard_map(f, mesh=_mesh(), in_specs=(P("batch"), P("batch")),
-                                         out_specs=(P("batch"), P())))(x, mask)
+    y, new_stats = jax.jit(
+      jax.shard_map(f, mesh=_mesh(), in_specs=(P("batch"), P("batch")), out_specs=(P("batch"), P()))
+    )(x, mask)
   y_one, stats_one = bnjax.batch_norm(x, params, stats, train=True, decay=DECAY, mask=mask)
   mean, var = _moments(x, mask)
   y_expected, stats_expected = _expected(x, variables, mean, var, train=True)
   _assert_close((y, new_stats), (y_one, stats_one))
   np.testing.assert_allclose(y, y_expected, rtol=1e-5, atol=1e-5)  # float32 against float64
-  chex.assert_trees_all_close(new_stats[:2], (stats_expected["mean"], stats_expected["var"]), rtol=1e-6,
-                              atol=1e-6)
+  chex.assert_trees_all_close(new_stats[:2], (stats_expected["mean"], stats_expected["var"]), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------

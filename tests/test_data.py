@@ -1,4 +1,5 @@
 """Tests for experiments.data: datasets, splits, standardization, IDX files, batching."""
+
 import gzip
 import itertools
 import os
@@ -14,16 +15,18 @@ from experiments import data
 BUNDLED = ("digits", "breast_cancer", "wine", "age_salary")
 # name: (rows, features, classes)
 SIZES = {
-    "digits": (1797, 64, 10),
-    "breast_cancer": (569, 30, 2),
-    "wine": (178, 13, 3),
-    "age_salary": (4000, 5, 2),
+  "digits": (1797, 64, 10),
+  "breast_cancer": (569, 30, 2),
+  "wine": (178, 13, 3),
+  "age_salary": (4000, 5, 2),
 }
 
 
 def _all_rows(dataset):
-  return (np.concatenate([dataset.train.x, dataset.val.x, dataset.test.x]),
-          np.concatenate([dataset.train.y, dataset.val.y, dataset.test.y]))
+  return (
+    np.concatenate([dataset.train.x, dataset.val.x, dataset.test.x]),
+    np.concatenate([dataset.train.y, dataset.val.y, dataset.test.y]),
+  )
 
 
 def _row_ids(split):
@@ -87,8 +90,12 @@ def test_missing_scikit_learn_points_to_the_extra(monkeypatch):
 
 def test_importing_data_does_not_import_scikit_learn():
   code = "import sys, experiments.data; assert 'sklearn' not in sys.modules, 'sklearn imported eagerly'"
-  subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                 cwd=pathlib.Path(__file__).resolve().parents[1])  # the repository root, where experiments is
+  subprocess.run(
+    [sys.executable, "-c", code],
+    check=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+  )  # the repository root, where experiments is
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,7 +183,9 @@ def test_zero_fractions_give_empty_splits_of_the_right_shape():
   assert dataset.val.x.dtype == np.float32 and dataset.test.y.dtype == np.int32
 
 
-@pytest.mark.parametrize("kwargs, argument", [
+@pytest.mark.parametrize(
+  "kwargs, argument",
+  [
     (dict(val_fraction=-0.1), "val_fraction"),
     (dict(val_fraction=1.0), "val_fraction"),
     (dict(test_fraction=float("nan")), "test_fraction"),
@@ -185,7 +194,8 @@ def test_zero_fractions_give_empty_splits_of_the_right_shape():
     (dict(seed=-1), "seed"),
     (dict(seed=1.5), "seed"),
     (dict(seed=True), "seed"),
-])
+  ],
+)
 def test_load_dataset_argument_errors_name_the_argument(kwargs, argument):
   with pytest.raises((ValueError, TypeError), match=argument):
     data.load_dataset("wine", **kwargs)
@@ -292,15 +302,15 @@ def test_read_idx_detects_gzip_by_magic_bytes_not_suffix(tmp_path):
 def _corruptions(valid: bytes):
   compressed = gzip.compress(valid)
   return {
-      "truncated data": (valid[:-5], "truncated"),
-      "truncated header": (valid[:6], "truncated"),
-      "trailing bytes": (valid + b"\x00", "trailing"),
-      "bad magic": (b"\x01\x02" + valid[2:], "not an IDX file"),
-      "unknown type code": (valid[:2] + b"\x07" + valid[3:], "not an IDX file"),
-      "empty": (b"", "not an IDX file"),
-      "truncated gzip": (compressed[:len(compressed) // 2], "gzip"),
-      "corrupt gzip": (compressed[:10] + b"\xff" * 20 + compressed[30:], "gzip"),
-      "gzip of truncated data": (gzip.compress(valid[:-1]), "truncated"),
+    "truncated data": (valid[:-5], "truncated"),
+    "truncated header": (valid[:6], "truncated"),
+    "trailing bytes": (valid + b"\x00", "trailing"),
+    "bad magic": (b"\x01\x02" + valid[2:], "not an IDX file"),
+    "unknown type code": (valid[:2] + b"\x07" + valid[3:], "not an IDX file"),
+    "empty": (b"", "not an IDX file"),
+    "truncated gzip": (compressed[: len(compressed) // 2], "gzip"),
+    "corrupt gzip": (compressed[:10] + b"\xff" * 20 + compressed[30:], "gzip"),
+    "gzip of truncated data": (gzip.compress(valid[:-1]), "truncated"),
   }
 
 
@@ -330,10 +340,10 @@ def test_write_idx_rejects_types_idx_cannot_hold(tmp_path):
 def _write_mnist_dir(directory: pathlib.Path, *, num_train=60, num_test=20, gz=("train-images-idx3-ubyte",)):
   rng = np.random.default_rng(0)
   arrays = {
-      "train-images-idx3-ubyte": rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
-      "train-labels-idx1-ubyte": (np.arange(num_train) % 10).astype(np.uint8),
-      "t10k-images-idx3-ubyte": rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8),
-      "t10k-labels-idx1-ubyte": rng.permutation(np.arange(num_test) % 10).astype(np.uint8),
+    "train-images-idx3-ubyte": rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
+    "train-labels-idx1-ubyte": (np.arange(num_train) % 10).astype(np.uint8),
+    "t10k-images-idx3-ubyte": rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8),
+    "t10k-labels-idx1-ubyte": rng.permutation(np.arange(num_test) % 10).astype(np.uint8),
   }
   arrays["train-images-idx3-ubyte"][0] = 255  # Full range present.
   arrays["train-images-idx3-ubyte"][1] = 0
@@ -351,8 +361,7 @@ def test_mnist_loads_from_idx_files(tmp_path, name):
   assert dataset.train.x.shape == (48, 784) and dataset.val.x.shape == (12, 784)
   assert dataset.train.x.dtype == np.float32 and dataset.train.y.dtype == np.int32
   # t10k is the test split, in file order, pixels scaled to [0, 1].
-  np.testing.assert_allclose(dataset.test.x, arrays["t10k-images-idx3-ubyte"].reshape(20, 784) / 255.0,
-                             rtol=1e-6)
+  np.testing.assert_allclose(dataset.test.x, arrays["t10k-images-idx3-ubyte"].reshape(20, 784) / 255.0, rtol=1e-6)
   np.testing.assert_array_equal(dataset.test.y, arrays["t10k-labels-idx1-ubyte"])
   assert dataset.train.x.min() == 0.0 and dataset.train.x.max() == 1.0
   # Val comes from train: together they are the training file's rows, stratified (6 per class, 1-2 in val).
@@ -368,8 +377,12 @@ def test_mnist_loads_from_idx_files(tmp_path, name):
 def test_mnist_without_data_dir_names_data_dir_and_files():
   with pytest.raises(ValueError, match="data_dir") as info:
     data.load_dataset("mnist")
-  for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte"):
+  for stem in (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+  ):
     assert stem in str(info.value)
 
 
@@ -450,11 +463,14 @@ def test_iterate_batches_without_num_steps_is_endless():
 
 def test_batch_at_accepts_numpy_integer_steps():
   split = _indexed_split(20)
-  np.testing.assert_array_equal(data.batch_at(split, 4, np.int64(9), seed=np.uint32(1))[0],
-                                data.batch_at(split, 4, 9, seed=1)[0])
+  np.testing.assert_array_equal(
+    data.batch_at(split, 4, np.int64(9), seed=np.uint32(1))[0], data.batch_at(split, 4, 9, seed=1)[0]
+  )
 
 
-@pytest.mark.parametrize("call, argument", [
+@pytest.mark.parametrize(
+  "call, argument",
+  [
     (lambda s: data.batch_at(s, 0, 0, seed=0), "batch_size"),
     (lambda s: data.batch_at(s, 11, 0, seed=0), "batch_size"),
     (lambda s: data.batch_at(s, 2.0, 0, seed=0), "batch_size"),
@@ -468,7 +484,8 @@ def test_batch_at_accepts_numpy_integer_steps():
     (lambda s: data.iterate_batches(s, 2, seed=0, start_step=-1), "start_step"),
     (lambda s: data.iterate_batches(s, 2, seed=0, num_steps=-1), "num_steps"),
     (lambda s: data.iterate_batches(s, 2, seed=None), "seed"),
-])
+  ],
+)
 def test_batching_errors_name_the_argument(call, argument):
   # iterate_batches checks its arguments when called, before the first next().
   with pytest.raises((ValueError, TypeError), match=argument):

@@ -1,4 +1,5 @@
 """Each bad input raises an error that names the argument, what it got and what was expected."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,11 +30,16 @@ def test_stats_feature_shape_mismatch(variables):
     bnjax.batch_norm(X, params, stats, train=False)
 
 
-@pytest.mark.parametrize("axis,match", [(2, r"`axis`=2 is out of range.*rank 2"),
-                                        (-3, r"`axis`=-3 is out of range"),
-                                        ((1, -1), r"`axis`=\(1, -1\) repeats an axis"),
-                                        ((0, 1), r"`params.scale` has shape \(4,\).*feature shape \(8, 4\)"),
-                                        (1.5, r"`axis` must be")])
+@pytest.mark.parametrize(
+  "axis,match",
+  [
+    (2, r"`axis`=2 is out of range.*rank 2"),
+    (-3, r"`axis`=-3 is out of range"),
+    ((1, -1), r"`axis`=\(1, -1\) repeats an axis"),
+    ((0, 1), r"`params.scale` has shape \(4,\).*feature shape \(8, 4\)"),
+    (1.5, r"`axis` must be"),
+  ],
+)
 def test_bad_axis(variables, axis, match):
   params, stats = variables
   with pytest.raises((ValueError, TypeError), match=match):
@@ -50,8 +56,7 @@ def test_batch_of_one_in_training(variables):
 
 def test_batch_of_one_counted_across_the_mapped_axis(variables):
   params, stats = variables
-  fn = jax.vmap(lambda x: bnjax.batch_norm(x, params, stats, train=True, axis_name="i")[0],
-                axis_name="i")
+  fn = jax.vmap(lambda x: bnjax.batch_norm(x, params, stats, train=True, axis_name="i")[0], axis_name="i")
   assert fn(np.ones((2, 1, 4), np.float32)).shape == (2, 1, 4)  # 2 rows in all: fine
   with pytest.raises(ValueError, match=r"1 value per feature.*across the 1 devices|1 value"):
     fn(np.ones((1, 1, 4), np.float32))
@@ -98,8 +103,8 @@ def test_unbound_axis_name(variables):
 def test_bad_axis_index_groups(variables):
   params, stats = variables
   fn = lambda groups: jax.vmap(
-      lambda x: bnjax.batch_norm(x, params, stats, train=True, axis_name="i",
-                                 axis_index_groups=groups)[0], axis_name="i")(np.ones((4, 2, 4)))
+    lambda x: bnjax.batch_norm(x, params, stats, train=True, axis_name="i", axis_index_groups=groups)[0], axis_name="i"
+  )(np.ones((4, 2, 4)))
   with pytest.raises(ValueError, match=r"`axis_index_groups`.*cover each of the 4"):
     fn([[0, 1], [1, 2]])
 

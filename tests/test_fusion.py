@@ -57,8 +57,9 @@ def test_guarded_passes(dtype):
   assert _anatomy(dtype) == {"fwd": (4.0, 0), "fwd+bwd": (10.0, 0)}
 
 
-@pytest.mark.parametrize("guard,dtype", [("fence", jnp.float32), ("upcast", jnp.bfloat16),
-                                         ("downcast_sum", jnp.bfloat16)])
+@pytest.mark.parametrize(
+  "guard,dtype", [("fence", jnp.float32), ("upcast", jnp.bfloat16), ("downcast_sum", jnp.bfloat16)]
+)
 def test_each_guard_is_needed(monkeypatch, guard, dtype):
   monkeypatch.setattr(fusion, guard, _UNGUARDED[guard])
   unguarded = _anatomy(dtype)["fwd+bwd"]

@@ -1,6 +1,7 @@
 """Checkpoints, run folders and runs broken the way operators break them: flipped and truncated bytes,
 SIGKILL in and between checkpoint writes, two writers, a file where a folder goes, an unwritable workdir,
 and learning rates that are NaN, infinite or large enough to diverge."""
+
 import contextlib
 import json
 import os
@@ -43,8 +44,14 @@ def child_env():
 
 def spawn(script: str, *args) -> subprocess.Popen:
   """A python child running ``script`` (dedented), stdout piped line by line."""
-  return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], cwd=REPO,
-                          env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+    cwd=REPO,
+    env=child_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> str:
@@ -76,13 +83,17 @@ def train_target(overrides=QUICK):
   dataset = common.load_data(config)
   model = common.make_mlp(config, dataset.num_classes)
   tx = common.make_optimizer(config.optimizer, config.learning_rate)
-  return training.create_train_state(model, tx, jnp.asarray(dataset.train.x[:config.batch_size]),
-                                     rng=jax.random.key(config.seed))
+  return training.create_train_state(
+    model, tx, jnp.asarray(dataset.train.x[: config.batch_size]), rng=jax.random.key(config.seed)
+  )
 
 
 def tiny_state(step: int) -> dict:
-  return {"w": jnp.full((32, 32), step, jnp.float32), "b": jnp.arange(500, dtype=jnp.float32) + step,
-          "rng": jax.random.key(step)}
+  return {
+    "w": jnp.full((32, 32), step, jnp.float32),
+    "b": jnp.arange(500, dtype=jnp.float32) + step,
+    "rng": jax.random.key(step),
+  }
 
 
 def assert_same(a, b):
@@ -181,8 +192,7 @@ def test_saving_an_earlier_step_is_refused(tmp_path):
 # 3. Nothing that exists is deleted before its replacement is complete.
 
 
-def test_a_failed_resume_keeps_the_finished_run_and_a_cut_short_metrics_line_is_dropped(copied, capsys,
-                                                                                        monkeypatch):
+def test_a_failed_resume_keeps_the_finished_run_and_a_cut_short_metrics_line_is_dropped(copied, capsys, monkeypatch):
   workdir, run_dir, summary = copied
   metrics, summary_file = run_dir / "metrics.jsonl", run_dir / "summary.json"
   kept = {p: p.read_bytes() for p in (metrics, summary_file, run_dir / "report.md")}
@@ -232,8 +242,13 @@ def test_resume_after_a_kill_before_the_first_checkpoint_starts_from_zero(tmp_pa
   reference = summary_of(runner.run_dirs(tmp_path / "reference", "train")[-1])
   # Killed (SIGKILL) after training started, before its first checkpoint was sealed.
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-m", "experiments", *cli_args(workdir, overrides=overrides)],
-                          cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "experiments", *cli_args(workdir, overrides=overrides)],
+    cwd=REPO,
+    env=child_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 120
   while not list(workdir.glob("train/*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
     time.sleep(0.01)
@@ -336,8 +351,9 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(copied
     for proc in (holder, run_holder):
       proc.send_signal(signal.SIGKILL)
       proc.wait()
-  with pytest.warns(checkpoint.CheckpointWarning, match=f"taking over the writer lock left by pid {holder.pid}.*no "
-                                                        "longer running"):
+  with pytest.warns(
+    checkpoint.CheckpointWarning, match=f"taking over the writer lock left by pid {holder.pid}.*no longer running"
+  ):
     checkpoint.save(ckpt / "other", {"a": jnp.zeros(3)}, step=2)
   assert checkpoint.verify(ckpt / "other", 1) == 1 and checkpoint.verify(ckpt / "other", 2) == 2
   assert not (ckpt / "other" / checkpoint.LOCK_FILE).exists()
@@ -346,7 +362,9 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(copied
 # 6. Non-finite learning rates are refused; a diverging run stops, keeps its good checkpoints, says so.
 
 
-@pytest.mark.parametrize("name,override,key", [
+@pytest.mark.parametrize(
+  "name,override,key",
+  [
     ("train", "--config.learning_rate=nan", "config.learning_rate"),
     ("train", "--config.learning_rate=inf", "config.learning_rate"),
     ("train", "--config.learning_rate=-inf", "config.learning_rate"),
@@ -354,7 +372,8 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(copied
     ("lr_sweep", "--config.learning_rates=0.1,nan", "config.learning_rates"),
     ("lr_sweep", "--config.learning_rates=0.1,inf", "config.learning_rates"),
     ("fig1", "--config.criterion.target_accuracy=nan", "config.criterion.target_accuracy"),
-])
+  ],
+)
 def test_non_finite_learning_rates_are_refused_by_name(name, override, key, tmp_path, capsys):
   assert cli.main([name, "--quick", "--workdir", str(tmp_path), override]) == 2
   assert key in capsys.readouterr().err
@@ -362,8 +381,12 @@ def test_non_finite_learning_rates_are_refused_by_name(name, override, key, tmp_
 
 
 def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_says_so(tmp_path):
-  overrides = ["--config.learning_rate=1e20", "--config.num_steps=10", "--config.eval_every=5",
-               "--config.checkpoint_every=1"]
+  overrides = [
+    "--config.learning_rate=1e20",
+    "--config.num_steps=10",
+    "--config.eval_every=5",
+    "--config.checkpoint_every=1",
+  ]
   summary = runner.run_experiment("train", quick=True, workdir=str(tmp_path), overrides=overrides, quiet=True)
   step = summary["diverged"]["train"]["diverged_at"][0]
   assert summary["verdict"]["held"] is False
@@ -376,8 +399,13 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_says_so(tmp_pa
   assert "null" not in (run_dir / "metrics.jsonl").read_text()
 
   # An lr sweep whose largest rate diverges: those models are recorded as diverged, the others carry on.
-  overrides = ["--config.learning_rates=0.1,1e20", "--config.num_steps=20", "--config.eval_every=10",
-               "--config.checkpoint_every=10", "--config.hidden=16"]
+  overrides = [
+    "--config.learning_rates=0.1,1e20",
+    "--config.num_steps=20",
+    "--config.eval_every=10",
+    "--config.checkpoint_every=10",
+    "--config.hidden=16",
+  ]
   summary = runner.run_experiment("lr_sweep", quick=True, workdir=str(tmp_path), overrides=overrides, quiet=True)
   diverged = summary["diverged"]
   assert "none" in diverged, diverged
@@ -420,8 +448,14 @@ def test_a_failing_save_fails_fast_and_exits_fast(copied, tmp_path):
   workdir, run_dir, _ = copied
   shutil.rmtree(run_dir / "checkpoints")
   (run_dir / "checkpoints").write_text("")
-  proc = subprocess.Popen([sys.executable, "-m", "experiments", *cli_args(workdir, "--resume")], cwd=REPO,
-                          env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "experiments", *cli_args(workdir, "--resume")],
+    cwd=REPO,
+    env=child_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   line = wait_for_line_stderr(proc, "error:")
   errored = time.time()
   assert proc.wait(timeout=60) == 1
@@ -453,8 +487,9 @@ def unwritable(folder: pathlib.Path):
   chattr = shutil.which("chattr")
   done = chattr and subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode == 0
   if not done:
-    pytest.skip("running as root, where chmod does not stop writes, and chattr +i (the immutable attribute) is "
-                "not available here")
+    pytest.skip(
+      "running as root, where chmod does not stop writes, and chattr +i (the immutable attribute) is not available here"
+    )
   try:
     yield
   finally:

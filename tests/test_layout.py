@@ -1,4 +1,5 @@
 """The package layout: `import bnjax` needs jax alone, and nothing under bnjax/ imports the experiments."""
+
 import ast
 import json
 import os
@@ -15,8 +16,12 @@ FORBIDDEN = ("flax", "optax", "chex", "orbax", "experiments")
 def test_import_bnjax_loads_neither_flax_optax_chex_orbax_nor_experiments():
   code = "import json, sys, bnjax; print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
   result = subprocess.run(
-    [sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-    text=True, check=False,
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    check=False,
   )
   assert result.returncode == 0, result.stderr
   loaded = set(json.loads(result.stdout.splitlines()[-1]))
@@ -75,6 +80,11 @@ from . import training
 """
   found = [module for _, module in sorted(_imported_modules(source, ("bnjax", "_src")))]
   assert [m for m in found if _imports_experiments(m)] == [
-    "experiments", "experiments.data", "experiments", "experiments.launch", "experiments.data", "experiments",
+    "experiments",
+    "experiments.data",
+    "experiments",
+    "experiments.launch",
+    "experiments.data",
+    "experiments",
   ]
   assert [m for m in found if not _imports_experiments(m)] == ["experimentsx", "bnjax", "bnjax._src"]

@@ -1,4 +1,5 @@
 """bnjax.models: the MLP (batch norm before or after the activation) and the article's Keras model."""
+
 import functools
 
 import flax.linen as nn
@@ -28,9 +29,7 @@ def _numpy(tree):
 
 def _close(a, b, tol, what=""):
   jax.tree.map(
-    lambda u, v: np.testing.assert_allclose(
-      np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol
-    ),
+    lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol),
     a,
     b,
   )
@@ -262,12 +261,10 @@ def test_keras_article_model():
 
 def test_mlp_unbiased_running_var_reaches_every_batch_norm():
   x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
-  biased, unbiased = (models.MLP((4, 4, 2), norm="pre", momentum=0.0, unbiased_running_var=u)
-                      for u in (False, True))
+  biased, unbiased = (models.MLP((4, 4, 2), norm="pre", momentum=0.0, unbiased_running_var=u) for u in (False, True))
   variables = biased.init(jax.random.key(0), x, train=False)
   _, b = biased.apply(variables, x, train=True, mutable=["batch_stats"])
   _, u = unbiased.apply(variables, x, train=True, mutable=["batch_stats"])
   for layer in ("BatchNorm_0", "BatchNorm_1"):
-    np.testing.assert_allclose(u["batch_stats"][layer]["var"],
-                               b["batch_stats"][layer]["var"] * 8 / 7, rtol=1e-5)
+    np.testing.assert_allclose(u["batch_stats"][layer]["var"], b["batch_stats"][layer]["var"] * 8 / 7, rtol=1e-5)
     np.testing.assert_allclose(u["batch_stats"][layer]["mean"], b["batch_stats"][layer]["mean"])

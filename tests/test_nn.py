@@ -1,4 +1,5 @@
 """bnjax.nn: BatchNorm is a drop-in for flax.linen.BatchNorm."""
+
 import functools
 
 import flax.linen as nn
@@ -27,9 +28,7 @@ def _numpy(tree):
 
 def _close(a, b, tol, what=""):
   jax.tree.map(
-    lambda u, v: np.testing.assert_allclose(
-      np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol
-    ),
+    lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol),
     a,
     b,
   )

@@ -1,4 +1,5 @@
 """bnjax.nnx.BatchNorm is a drop-in for flax.nnx.BatchNorm: variables, training with nnx.Optimizer, modes."""
+
 import functools
 
 import flax.linen as linen
@@ -26,9 +27,7 @@ def _normal(shape, seed=0):
 
 def _close(a, b, tol, what=""):
   jax.tree.map(
-    lambda u, v: np.testing.assert_allclose(
-      np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol
-    ),
+    lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol),
     a,
     b,
   )
@@ -187,9 +186,7 @@ def test_several_feature_axes_match_flax_linen(num_features):
 
   (o_grads, (o_y, o_stats)), (l_grads, (l_y, l_stats)) = run(state, x)
   _close(o_y, l_y, F32_TOL)
-  _close(
-    {"mean": o_stats["mean"][...].reshape(5, 3), "var": o_stats["var"][...].reshape(5, 3)}, l_stats, F32_TOL
-  )
+  _close({"mean": o_stats["mean"][...].reshape(5, 3), "var": o_stats["var"][...].reshape(5, 3)}, l_stats, F32_TOL)
   _close({k: o_grads[k][...].reshape(5, 3) for k in ("scale", "bias")}, l_grads, F32_TOL)
 
 
@@ -226,7 +223,11 @@ def test_optimizer_updates_params_not_statistics():
   # of running="cumulative", are state that the layer moves itself.
   x = 2.0 + _normal((16, 3), 1)
   model = Net(bnnx.BatchNorm, 3, x.shape, running="cumulative", momentum=0.9)
-  assert set(dict(nnx.to_flat_state(nnx.state(model, nnx.BatchStat)))) == {("bn", "count"), ("bn", "mean"), ("bn", "var")}
+  assert set(dict(nnx.to_flat_state(nnx.state(model, nnx.BatchStat)))) == {
+    ("bn", "count"),
+    ("bn", "mean"),
+    ("bn", "var"),
+  }
   _, final, _ = _train(model, jnp.stack([x, 2.0 * x]), jnp.zeros((2, 16, 3)))
   bn_state = final["bn"]
   assert int(bn_state["count"][...]) == 2

@@ -1,4 +1,5 @@
 """The core against flax.linen.BatchNorm and PyTorch's BatchNorm1d / BatchNorm2d."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,7 @@ def _batches(shape, steps=5, seed=0):
   return [rng.normal(i - 2.0, 1.0 + i, shape).astype(np.float32) for i in range(steps)]
 
 
-@pytest.mark.parametrize("shape,axis", [((16, 5), -1), ((4, 3, 3, 5), -1), ((4, 5, 3, 3), 1),
-                                        ((4, 3, 3, 5), (2, 3))])
+@pytest.mark.parametrize("shape,axis", [((16, 5), -1), ((4, 3, 3, 5), -1), ((4, 5, 3, 3), 1), ((4, 3, 3, 5), (2, 3))])
 def test_matches_flax_linen_over_five_steps_then_eval(shape, axis):
   decay = 0.9
   module = nn.BatchNorm(momentum=decay, axis=axis, use_fast_variance=False)
@@ -33,8 +33,7 @@ def test_matches_flax_linen_over_five_steps_then_eval(shape, axis):
   _, stats = bnjax.init(fshape)
 
   def flax_loss(p, bs, x):
-    y, upd = module.apply({"params": p, "batch_stats": bs}, x, use_running_average=False,
-                          mutable=["batch_stats"])
+    y, upd = module.apply({"params": p, "batch_stats": bs}, x, use_running_average=False, mutable=["batch_stats"])
     return jnp.sum(jnp.tanh(y)), (y, upd["batch_stats"])
 
   def our_loss(p, s, x):
@@ -43,10 +42,8 @@ def test_matches_flax_linen_over_five_steps_then_eval(shape, axis):
 
   flax_p, flax_bs = variables["params"], variables["batch_stats"]
   for x in batches:
-    (_, (y_f, flax_bs)), (g_f, gx_f) = jax.value_and_grad(flax_loss, argnums=(0, 2), has_aux=True)(
-        flax_p, flax_bs, x)
-    (_, (y_o, stats)), (g_o, gx_o) = jax.value_and_grad(our_loss, argnums=(0, 2), has_aux=True)(
-        params, stats, x)
+    (_, (y_f, flax_bs)), (g_f, gx_f) = jax.value_and_grad(flax_loss, argnums=(0, 2), has_aux=True)(flax_p, flax_bs, x)
+    (_, (y_o, stats)), (g_o, gx_o) = jax.value_and_grad(our_loss, argnums=(0, 2), has_aux=True)(params, stats, x)
     np.testing.assert_allclose(y_o, y_f, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(gx_o, gx_f, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(g_o.scale, g_f["scale"], atol=1e-4, rtol=1e-5)
@@ -61,20 +58,22 @@ def test_matches_flax_linen_over_five_steps_then_eval(shape, axis):
 
 
 def _torch_layer(kind, features, decay, eps, scale, bias):
-  layer = {"1d": torch.nn.BatchNorm1d, "2d": torch.nn.BatchNorm2d}[kind](
-      features, eps=eps, momentum=1.0 - decay)
+  layer = {"1d": torch.nn.BatchNorm1d, "2d": torch.nn.BatchNorm2d}[kind](features, eps=eps, momentum=1.0 - decay)
   with torch.no_grad():
     layer.weight.copy_(torch.from_numpy(np.asarray(scale)))
     layer.bias.copy_(torch.from_numpy(np.asarray(bias)))
   return layer
 
 
-@pytest.mark.parametrize("kind,shape,axis,channels_last", [
-    ("1d", (16, 5), -1, False),      # BatchNorm1d on (N, C)
-    ("1d", (4, 5, 7), 1, False),     # BatchNorm1d on (N, C, L)
+@pytest.mark.parametrize(
+  "kind,shape,axis,channels_last",
+  [
+    ("1d", (16, 5), -1, False),  # BatchNorm1d on (N, C)
+    ("1d", (4, 5, 7), 1, False),  # BatchNorm1d on (N, C, L)
     ("2d", (4, 5, 3, 3), 1, False),  # BatchNorm2d NCHW
     ("2d", (4, 3, 3, 5), -1, True),  # BatchNorm2d fed NHWC data, channels_last on the torch side
-])
+  ],
+)
 def test_matches_pytorch_over_five_steps_then_eval(kind, shape, axis, channels_last):
   decay, eps = 0.9, 1e-5
   features = shape[axis]
@@ -96,8 +95,7 @@ def test_matches_pytorch_over_five_steps_then_eval(kind, shape, axis, channels_l
     return np.transpose(a, (0, 2, 3, 1)) if channels_last else a
 
   def our_loss(p, s, x, w):
-    y, s = bnjax.batch_norm(x, p, s, train=True, axis=axis, decay=decay, epsilon=eps,
-                            unbiased_running_var=True)
+    y, s = bnjax.batch_norm(x, p, s, train=True, axis=axis, decay=decay, epsilon=eps, unbiased_running_var=True)
     return jnp.sum(y * w), (y, s)
 
   for i, x in enumerate(_batches(shape)):
@@ -106,8 +104,7 @@ def test_matches_pytorch_over_five_steps_then_eval(kind, shape, axis, channels_l
     layer.zero_grad()
     yt = layer(xt)
     (yt * to_torch(w)).sum().backward()
-    (_, (y, stats)), (g, gx) = jax.value_and_grad(our_loss, argnums=(0, 2), has_aux=True)(
-        params, stats, x, w)
+    (_, (y, stats)), (g, gx) = jax.value_and_grad(our_loss, argnums=(0, 2), has_aux=True)(params, stats, x, w)
     np.testing.assert_allclose(y, from_torch(yt), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(gx, from_torch(xt.grad), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(g.scale, layer.weight.grad.numpy(), atol=1e-4, rtol=1e-5)

@@ -19,9 +19,10 @@ are summed across devices under `axis_name`, and respect `mask`.
 Reference: S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by
 Reducing Internal Covariate Shift", ICML 2015, arXiv:1502.03167.
 """
+
 import functools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,9 @@ from bnjax._src import running as running_lib
 from bnjax._src import types
 
 
-def init(feature_shape: Union[int, Sequence[int]], *, dtype=jnp.float32, use_scale: bool = True,
-         use_bias: bool = True) -> Tuple[types.BatchNormParams, types.BatchStats]:
+def init(
+  feature_shape: int | Sequence[int], *, dtype=jnp.float32, use_scale: bool = True, use_bias: bool = True
+) -> tuple[types.BatchNormParams, types.BatchStats]:
   """Fresh parameters (scale 1, bias 0) and running statistics (mean 0, var 1, count 0).
 
   Args:
@@ -49,8 +51,11 @@ def init(feature_shape: Union[int, Sequence[int]], *, dtype=jnp.float32, use_sca
     `(BatchNormParams(scale, bias), BatchStats(mean, var, count))`.
   """
   sizes = [feature_shape] if isinstance(feature_shape, (int, np.integer)) else feature_shape
-  if not isinstance(sizes, (list, tuple)) or not sizes or not all(
-      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in sizes):
+  if (
+    not isinstance(sizes, (list, tuple))
+    or not sizes
+    or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in sizes)
+  ):
     raise ValueError(f"`feature_shape` must be a positive int or a tuple of them, got {feature_shape!r}.")
   shape = tuple(int(d) for d in sizes)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -59,15 +64,15 @@ def init(feature_shape: Union[int, Sequence[int]], *, dtype=jnp.float32, use_sca
   checks.check_bool(use_bias, "use_bias")
   stats_dtype = jnp.promote_types(dtype, jnp.float32)
   params = types.BatchNormParams(
-      scale=jnp.ones(shape, dtype) if use_scale else None,
-      bias=jnp.zeros(shape, dtype) if use_bias else None)
+    scale=jnp.ones(shape, dtype) if use_scale else None, bias=jnp.zeros(shape, dtype) if use_bias else None
+  )
   stats = types.BatchStats(
-      mean=jnp.zeros(shape, stats_dtype), var=jnp.ones(shape, stats_dtype),
-      count=jnp.zeros((), jnp.int32))
+    mean=jnp.zeros(shape, stats_dtype), var=jnp.ones(shape, stats_dtype), count=jnp.zeros((), jnp.int32)
+  )
   return params, stats
 
 
-def _at_features(value, axes: Tuple[int, ...], shape, dtype) -> jax.Array:
+def _at_features(value, axes: tuple[int, ...], shape, dtype) -> jax.Array:
   """A feature-shaped array laid out to broadcast against an array of `shape`."""
   return jnp.asarray(value, dtype).reshape(tuple(shape[i] if i in axes else 1 for i in range(len(shape))))
 
@@ -116,8 +121,10 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
     counted = tx if mask is None else jnp.where(mask, tx, 0)  # masked values move y, not the statistics
     proj = counted * x_hat if not jnp.iscomplexobj(x_hat) else (jnp.conj(x_hat) * counted).real
     sum_t, sum_proj = moments_lib.sync_sum(
-        (jnp.sum(counted, axis=red, keepdims=True), jnp.sum(proj, axis=red, keepdims=True)),
-        spec.axis_names, spec.axis_index_groups)
+      (jnp.sum(counted, axis=red, keepdims=True), jnp.sum(proj, axis=red, keepdims=True)),
+      spec.axis_names,
+      spec.axis_index_groups,
+    )
     safe_count = jnp.maximum(count, 1.0)
     t_mean, t_proj = sum_t / safe_count, sum_proj / safe_count
     gain = inv_std * _maybe(at, scale, 1.0)
@@ -163,17 +170,22 @@ def _ghost_spec(spec: checks.Spec, x_shape, virtual_batch_size: int) -> checks.S
   group has its own statistics). Ghost batches are local to each device.
   """
   count = math.prod(x_shape[i] for i in spec.reduced_axes) // x_shape[0] * virtual_batch_size
-  return spec._replace(feature_axes=tuple(a + 1 for a in spec.feature_axes),
-                       reduced_axes=tuple(a + 1 for a in spec.reduced_axes), axis_names=(),
-                       axis_index_groups=None, count=count)
+  return spec._replace(
+    feature_axes=tuple(a + 1 for a in spec.feature_axes),
+    reduced_axes=tuple(a + 1 for a in spec.reduced_axes),
+    axis_names=(),
+    axis_index_groups=None,
+    count=count,
+  )
 
 
 def _ghost_normalize(x, scale, bias, mask, spec, epsilon, virtual_batch_size):
   """Ghost batch norm: `(y, mean, var, count)`, the statistics the count-weighted mean of the groups'."""
   groups = (x.shape[0] // virtual_batch_size, virtual_batch_size)
   grouped_mask = None if mask is None else mask.reshape(groups + mask.shape[1:])
-  y, mean, var, count = _train_normalize(x.reshape(groups + x.shape[1:]), scale, bias, grouped_mask,
-                                         _ghost_spec(spec, x.shape, virtual_batch_size), epsilon)
+  y, mean, var, count = _train_normalize(
+    x.reshape(groups + x.shape[1:]), scale, bias, grouped_mask, _ghost_spec(spec, x.shape, virtual_batch_size), epsilon
+  )
   weights = jnp.broadcast_to(count, var.shape)
   total = jnp.sum(weights, axis=0)
   mean = jnp.sum(weights * mean, axis=0) / jnp.maximum(total, 1.0)
@@ -183,8 +195,9 @@ def _ghost_normalize(x, scale, bias, mask, spec, epsilon, virtual_batch_size):
   return y.reshape(x.shape), mean, var, total
 
 
-def normalize(x, mean, var, params: Optional[types.BatchNormParams] = None, *,
-              axis: types.Axis = -1, epsilon: float = 1e-5):
+def normalize(
+  x, mean, var, params: types.BatchNormParams | None = None, *, axis: types.Axis = -1, epsilon: float = 1e-5
+):
   """`y = scale * (x - mean) / sqrt(var + epsilon) + bias` with given statistics.
 
   This is inference mode: `mean` and `var` are fixed (e.g. the running statistics), so `y` is an
@@ -226,12 +239,23 @@ def _train(x, params, mask, spec: checks.Spec, epsilon: float, virtual_batch_siz
   return y, mean.reshape(spec.feature_shape), var.reshape(spec.feature_shape), count
 
 
-def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchStats, *, train: bool,
-               axis: types.Axis = -1, decay=0.99, epsilon: float = 1e-5,
-               axis_name: types.AxisName = None, axis_index_groups=None, mask=None,
-               virtual_batch_size: Optional[int] = None, unbiased_running_var: bool = False,
-               running: str = "ema", allow_batch_of_one: bool = False
-               ) -> Tuple[jax.Array, types.BatchStats]:
+def batch_norm(
+  x,
+  params: types.BatchNormParams | None,
+  stats: types.BatchStats,
+  *,
+  train: bool,
+  axis: types.Axis = -1,
+  decay=0.99,
+  epsilon: float = 1e-5,
+  axis_name: types.AxisName = None,
+  axis_index_groups=None,
+  mask=None,
+  virtual_batch_size: int | None = None,
+  unbiased_running_var: bool = False,
+  running: str = "ema",
+  allow_batch_of_one: bool = False,
+) -> tuple[jax.Array, types.BatchStats]:
   """Batch normalization, training or inference mode, as one pure function.
 
   `train=True` normalizes with the batch's mean and biased variance (Algorithm 1 of Ioffe &
@@ -284,10 +308,17 @@ def batch_norm(x, params: Optional[types.BatchNormParams], stats: types.BatchSta
   if not train:
     spec, _ = checks.spec(x, params, stats, axis=axis, mask=mask)
     return _normalize(x, stats.mean, stats.var, params, spec, epsilon), stats
-  spec, mask = checks.train_spec(x, params, stats, axis=axis, axis_name=axis_name,
-                                 axis_index_groups=axis_index_groups, mask=mask,
-                                 virtual_batch_size=virtual_batch_size,
-                                 allow_batch_of_one=allow_batch_of_one)
+  spec, mask = checks.train_spec(
+    x,
+    params,
+    stats,
+    axis=axis,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    virtual_batch_size=virtual_batch_size,
+    allow_batch_of_one=allow_batch_of_one,
+  )
   y, mean, var, count = _train(x, params, mask, spec, epsilon, virtual_batch_size)
   if unbiased_running_var:
     var = var * (count / jnp.maximum(count - 1.0, 1.0))

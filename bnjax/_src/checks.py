@@ -101,7 +101,9 @@ def axis_spec(axis, *, arg: str = "axis") -> tuple[int, ...]:
     axes = tuple(axes)
   except TypeError:
     axes = None
-  if isinstance(axis, bool) or not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in axes):
+  if (
+    isinstance(axis, bool) or not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in axes)
+  ):
     raise TypeError(
       f"`{arg}` must be an int or a non-empty tuple of ints (static; under jax.jit mark it with "
       f"static_argnames), got {axis!r}."
@@ -208,8 +210,7 @@ def mask_form(mask, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[ja
   dtype = jnp.result_type(mask) if hasattr(mask, "dtype") else np.asarray(mask).dtype
   if dtype != jnp.bool_:
     raise TypeError(
-      f"`mask` must be a boolean array (True marks the values that count), got dtype {dtype}. "
-      "Pass `mask.astype(bool)`."
+      f"`mask` must be a boolean array (True marks the values that count), got dtype {dtype}. Pass `mask.astype(bool)`."
     )
   mask = jnp.asarray(mask)
   ndim = len(x_shape)
@@ -277,7 +278,8 @@ def check_virtual_batch_size(virtual_batch_size, x_shape=None, axes=()) -> None:
     return
   if 0 in axes:
     raise ValueError(
-      f"`virtual_batch_size` splits axis 0 (the batch axis) into groups, but axis 0 is a feature axis here (axis={axes})."
+      "`virtual_batch_size` splits axis 0 (the batch axis) into groups, but axis 0 is a feature axis "
+      f"here (axis={axes})."
     )
   if x_shape[0] % virtual_batch_size:
     raise ValueError(
@@ -286,8 +288,9 @@ def check_virtual_batch_size(virtual_batch_size, x_shape=None, axes=()) -> None:
     )
 
 
-def spec(x, params=None, stats=None, *, axis, axis_name=None, axis_index_groups=None, mask=None,
-         stats_arg: str = "stats."):
+def spec(
+  x, params=None, stats=None, *, axis, axis_name=None, axis_index_groups=None, mask=None, stats_arg: str = "stats."
+):
   """Validates x, its variables and the reduction; returns `(Spec, mask at x's rank or None)`."""
   check_inexact(x)
   shape = tuple(np.shape(x))
@@ -305,8 +308,9 @@ def spec(x, params=None, stats=None, *, axis, axis_name=None, axis_index_groups=
   return Spec(axes, reduced, feature_shape, names, groups, mask is not None, per_element, count), mask
 
 
-def train_spec(x, params, stats, *, axis, axis_name, axis_index_groups, mask, virtual_batch_size,
-               allow_batch_of_one: bool):
+def train_spec(
+  x, params, stats, *, axis, axis_name, axis_index_groups, mask, virtual_batch_size, allow_batch_of_one: bool
+):
   """`spec` for training mode, plus: the shard_map typing check and at least two values per feature."""
   s, mask = spec(x, params, stats, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
   if axis_name is None:
@@ -328,15 +332,32 @@ def train_spec(x, params, stats, *, axis, axis_name, axis_index_groups, mask, vi
   return s, mask
 
 
-def layer_options(*, use_running_average, axis, momentum, epsilon, use_bias, use_scale, axis_name,
-                  axis_index_groups, use_fast_variance, virtual_batch_size, unbiased_running_var, running) -> None:
+def layer_options(
+  *,
+  use_running_average,
+  axis,
+  momentum,
+  epsilon,
+  use_bias,
+  use_scale,
+  axis_name,
+  axis_index_groups,
+  use_fast_variance,
+  virtual_batch_size,
+  unbiased_running_var,
+  running,
+) -> None:
   """The constructor arguments the linen and nnx `BatchNorm` layers share."""
   check_bool(use_running_average, "use_running_average", optional=True)
   axis_spec(axis)
   check_decay(momentum, arg="momentum")
   check_epsilon(epsilon)
-  for name, value in (("use_bias", use_bias), ("use_scale", use_scale), ("use_fast_variance", use_fast_variance),
-                      ("unbiased_running_var", unbiased_running_var)):
+  for name, value in (
+    ("use_bias", use_bias),
+    ("use_scale", use_scale),
+    ("use_fast_variance", use_fast_variance),
+    ("unbiased_running_var", unbiased_running_var),
+  ):
     check_bool(value, name)
   axis_names(axis_name, axis_index_groups)
   check_virtual_batch_size(virtual_batch_size)

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 
 from bnjax._src import types
 
-def update(stats: types.BatchStats, batch_mean, batch_var, *, decay, running: str = "ema",
-           has_rows=None) -> types.BatchStats:
+
+def update(
+  stats: types.BatchStats, batch_mean, batch_var, *, decay, running: str = "ema", has_rows=None
+) -> types.BatchStats:
   """Moves the running statistics toward one batch's statistics.
 
   Args:
@@ -36,8 +38,9 @@ def update(stats: types.BatchStats, batch_mean, batch_var, *, decay, running: st
   """
   old_mean, old_var = stats.mean, stats.var
   # A complex batch mean makes the running mean complex (as in Flax); otherwise dtypes are kept.
-  batch_mean = batch_mean.astype(jnp.result_type(old_mean, batch_mean) if jnp.iscomplexobj(batch_mean)
-                                 else old_mean.dtype)
+  batch_mean = batch_mean.astype(
+    jnp.result_type(old_mean, batch_mean) if jnp.iscomplexobj(batch_mean) else old_mean.dtype
+  )
   batch_var = batch_var.astype(old_var.dtype)
   if running == "ema":
     new_mean = decay * old_mean + (1.0 - decay) * batch_mean

@@ -3,13 +3,15 @@
 Their fields map one to one onto `flax.linen.BatchNorm`'s variables: `scale` and `bias` are
 `params/scale` and `params/bias`; `mean` and `var` are `batch_stats/mean` and `batch_stats/var`.
 """
-from typing import NamedTuple, Optional, Sequence, Union
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 
 Array = jax.Array
-Axis = Union[int, Sequence[int]]
-AxisName = Union[str, Sequence[str], None]
+Axis = int | Sequence[int]
+AxisName = str | Sequence[str] | None
 
 RUNNING_RULES = ("ema", "ema_debiased", "cumulative")
 """The running-statistics rules of `batch_norm(running=...)` (see `bnjax._src.running`)."""
@@ -22,8 +24,9 @@ class BatchNormParams(NamedTuple):
     scale: gamma, of the feature shape; None when the layer has no scale (gamma = 1).
     bias: beta, of the feature shape; None when the layer has no bias (beta = 0).
   """
-  scale: Optional[Array]
-  bias: Optional[Array]
+
+  scale: Array | None
+  bias: Array | None
 
 
 class BatchStats(NamedTuple):
@@ -36,6 +39,7 @@ class BatchStats(NamedTuple):
       `running="ema_debiased"` and `running="cumulative"`; may be None for plain `running="ema"`
       (as in `flax.linen.BatchNorm`, whose `batch_stats` hold only `mean` and `var`).
   """
+
   mean: Array
   var: Array
-  count: Optional[Array] = None
+  count: Array | None = None

@@ -13,7 +13,9 @@ ones, per feature, with factors treated as constants by the gradient:
 BatchNorm", arXiv:2105.07576, PreciseBN) replace the exponential average by the plain average of
 the batch statistics of many batches, computed with the model's weights frozen.
 """
-from typing import Callable, Iterable, Optional
+
+from collections.abc import Callable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +26,21 @@ from bnjax._src import moments as moments_lib
 from bnjax._src import types
 
 
-def batch_renorm(x, params: Optional[types.BatchNormParams], stats: types.BatchStats, *,
-                 train: bool, rmax=3.0, dmax=5.0, axis: types.Axis = -1, decay=0.99,
-                 epsilon: float = 1e-5, axis_name: types.AxisName = None,
-                 axis_index_groups=None, mask=None):
+def batch_renorm(
+  x,
+  params: types.BatchNormParams | None,
+  stats: types.BatchStats,
+  *,
+  train: bool,
+  rmax=3.0,
+  dmax=5.0,
+  axis: types.Axis = -1,
+  decay=0.99,
+  epsilon: float = 1e-5,
+  axis_name: types.AxisName = None,
+  axis_index_groups=None,
+  mask=None,
+):
   """Batch renormalization: batch norm whose batch statistics are corrected toward the running ones.
 
   The arguments other than `rmax` and `dmax` are those of `bnjax.batch_norm`.
@@ -47,14 +60,14 @@ def batch_renorm(x, params: Optional[types.BatchNormParams], stats: types.BatchS
     if bound is not None and not bound >= low:
       raise ValueError(f"`{name}` must be >= {low:g}, got {value}.")
   checks.check_stats(stats)
-  spec, mask_full = checks.spec(x, params, stats, axis=axis, axis_name=axis_name,
-                                axis_index_groups=axis_index_groups, mask=mask)
+  spec, mask_full = checks.spec(
+    x, params, stats, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask
+  )
   batch_mean, batch_var, _ = moments_lib.batch_moments(jax.lax.stop_gradient(x), mask_full, spec)
   batch_mean = batch_mean.reshape(spec.feature_shape)
   batch_var = batch_var.reshape(spec.feature_shape)
   running_sigma = jnp.sqrt(stats.var + epsilon)
-  r = jax.lax.stop_gradient(jnp.clip(jnp.sqrt(batch_var + epsilon) / running_sigma,
-                                     1.0 / rmax, rmax))
+  r = jax.lax.stop_gradient(jnp.clip(jnp.sqrt(batch_var + epsilon) / running_sigma, 1.0 / rmax, rmax))
   d = jax.lax.stop_gradient(jnp.clip((batch_mean - stats.mean) / running_sigma, -dmax, dmax))
   scale = None if params is None else params.scale
   bias = None if params is None else params.bias
@@ -63,13 +76,21 @@ def batch_renorm(x, params: Optional[types.BatchNormParams], stats: types.BatchS
   shift = d if scale is None else scale * d.astype(scale.dtype)
   bias_d = shift if bias is None else bias + shift
   y, new_stats = batch_norm_lib.batch_norm(
-      x, types.BatchNormParams(scale_r, bias_d), stats, train=True, axis=spec.feature_axes, decay=decay,
-      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask)
+    x,
+    types.BatchNormParams(scale_r, bias_d),
+    stats,
+    train=True,
+    axis=spec.feature_axes,
+    decay=decay,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+  )
   return y, new_stats
 
 
-def precise_batch_stats(apply_fn: Callable, variables, batches: Iterable, *,
-                        unbiased_batch_size: Optional[int] = None):
+def precise_batch_stats(apply_fn: Callable, variables, batches: Iterable, *, unbiased_batch_size: int | None = None):
   """Population statistics of every batch-norm layer of a model: the average over `batches`.
 
   The running averages of batch norm lag behind the weights and weigh recent batches more; with
@@ -96,8 +117,7 @@ def precise_batch_stats(apply_fn: Callable, variables, batches: Iterable, *,
     A tree like `variables["batch_stats"]` holding the averaged statistics.
   """
   if "batch_stats" not in variables:
-    raise ValueError("`variables` must hold a 'batch_stats' collection, got keys "
-                     f"{sorted(variables)}.")
+    raise ValueError(f"`variables` must hold a 'batch_stats' collection, got keys {sorted(variables)}.")
   zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
   ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])
 
@@ -105,8 +125,7 @@ def precise_batch_stats(apply_fn: Callable, variables, batches: Iterable, *,
   def batch_statistics(x):
     _, from_zeros = apply_fn({**variables, "batch_stats": zeros}, x)
     _, from_ones = apply_fn({**variables, "batch_stats": ones}, x)
-    return jax.tree.map(lambda n0, n1: n0 / jnp.maximum(1.0 - (n1 - n0), 1e-12), from_zeros,
-                        from_ones)
+    return jax.tree.map(lambda n0, n1: n0 / jnp.maximum(1.0 - (n1 - n0), 1e-12), from_zeros, from_ones)
 
   total, count = None, 0
   for x in batches:
@@ -121,5 +140,6 @@ def precise_batch_stats(apply_fn: Callable, variables, batches: Iterable, *,
       raise ValueError(f"`unbiased_batch_size` must be >= 2, got {unbiased_batch_size}.")
     factor = unbiased_batch_size / (unbiased_batch_size - 1)
     average = jax.tree_util.tree_map_with_path(
-        lambda path, v: v * factor if getattr(path[-1], "key", None) == "var" else v, average)
+      lambda path, v: v * factor if getattr(path[-1], "key", None) == "var" else v, average
+    )
   return average
