@@ -1,7 +1,8 @@
 """Every ```python block of README.md and of the documentation pages (docs/**/*.md) runs.
 
 The blocks of one page share a namespace and run in order, in a fresh temporary directory, so a block may use
-names an earlier block of the same page defined. Tracebacks name the page and its line. A block right after
+names an earlier block of the same page defined. Each page runs twice in a row in that same directory, as a
+reader who runs the snippets again would. Tracebacks name the page and its line. A block right after
 one of these HTML comments does not run; while any block is marked, a skipped test lists them with their
 reasons:
 
@@ -81,15 +82,34 @@ def test_readme_quickstart_has_the_two_commands():
   assert '".[test,experiments,bench,docs,lint]"' in tests and " && python -m pytest" in tests, tests
 
 
-@pytest.mark.parametrize("page", RUNNABLE)
-def test_page_runs(page, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  monkeypatch.syspath_prepend(str(ROOT))  # `experiments` is a folder of the checkout, not an installed package
+# Pages whose snippets fail when run a second time in the same directory, with why: remove the entry once fixed.
+TWICE_PENDING = {
+  "docs/guides/training.md": "its checkpoint example saves into ./checkpoints, which the first run left behind; "
+  "the page is being rewritten",
+}
+
+
+def _run_page(page: str) -> None:
   namespace = {"__name__": "__docs__"}
   for line, lang, code, marker, _ in BLOCKS[page]:
     if lang == "python" and not marker:
       # Padded so that tracebacks give the line numbers of the page.
       exec(compile("\n" * (line - 1) + code, str(ROOT / page), "exec"), namespace)  # noqa: S102
+
+
+@pytest.mark.parametrize("page", RUNNABLE)
+def test_page_runs(page, tmp_path, monkeypatch):
+  """Twice in a row in the same directory: a snippet may not depend on a fresh folder (e.g. a checkpoint)."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(ROOT))  # `experiments` is a folder of the checkout, not an installed package
+  _run_page(page)
+  if page not in TWICE_PENDING:
+    _run_page(page)
+    return
+  try:
+    _run_page(page)
+  except Exception as e:  # noqa: BLE001 - any failure of the second run is the known one
+    pytest.xfail(f"{page} fails when run a second time ({type(e).__name__}: {e}); {TWICE_PENDING[page]}")
 
 
 def test_marked_blocks_are_listed():
