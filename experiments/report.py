@@ -236,6 +236,7 @@ training state, `report.md`, PNG plots):
 
 ```bash
 python -m experiments list                       # the experiments
+python -m experiments fig1 --show-config         # every config key, its default and what it means
 python -m experiments fig1                       # the paper's Figure 1, scaled down (the main job)
 python -m experiments train --config.norm=post --config.num_devices=4   # any config key can be overridden
 python -m experiments train --resume             # continue the latest run from its checkpoint

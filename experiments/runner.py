@@ -247,7 +247,8 @@ def ensure_devices(num_devices: int) -> None:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
   import jax  # pylint: disable=g-import-not-at-top
   if jax.device_count() < num_devices:
-    raise ValueError(f"config.num_devices: got {num_devices}, but only {jax.device_count()} devices are "
+    visible = provenance.plural(jax.device_count(), "device") + (" is" if jax.device_count() == 1 else " are")
+    raise ValueError(f"config.num_devices: got {num_devices}, but only {visible} "
                      f"visible; expected at most {jax.device_count()} (on CPU set XLA_FLAGS="
                      f"--xla_force_host_platform_device_count=N before jax is imported)")
 
