@@ -241,9 +241,11 @@ def _sha256_file(path: pathlib.Path, *, sync: bool = False) -> str:
 def _arrays_digest(tree: PyTree) -> tuple[str | None, list | None]:
   """sha256 over the dtype, shape and bytes of every leaf (pytree order), and each leaf's [dtype, shape].
 
-  None for both when a leaf lives partly on other processes (that process's files are checked instead).
+  A replicated leaf spanning many processes is hashed from this process's copy, so every process of a job,
+  and a job of another process count, computes the same digest. None for both when a leaf is split across
+  processes (that process's files are checked instead).
   """
-  leaves = jax.tree.leaves(tree)
+  leaves = [_this_copy(leaf) for leaf in jax.tree.leaves(tree)]
   if any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in leaves):
     return None, None
   digest, described = hashlib.sha256(), []
@@ -253,6 +255,12 @@ def _arrays_digest(tree: PyTree) -> tuple[str | None, list | None]:
     digest.update(np.ascontiguousarray(array).tobytes())
     described.append([array.dtype.name, list(array.shape)])
   return digest.hexdigest(), described
+
+
+def _this_copy(leaf: Any) -> Any:
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and leaf.is_fully_replicated:
+    return leaf.addressable_data(0)
+  return leaf
 
 
 def _seal(step_dir: pathlib.Path, step: int, arrays: tuple[str | None, list | None]) -> None:

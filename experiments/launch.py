@@ -186,6 +186,49 @@ def maybe_initialize(mode: str = "auto") -> bool:
   return True
 
 
+_DISTRIBUTED = ("train",)  # the many-seed experiments parallelize over models, on one process's devices
+
+
+@contextlib.contextmanager
+def job_workdir(mode: str, workdir: str, names: Sequence[str]):
+  """For `python -m experiments`: joins the job (`maybe_initialize(mode)`) when `names` can run on many processes.
+
+  Process 0 owns the run folder and prints the results; the others get a scratch workdir, removed afterwards,
+  and print only to stderr.
+
+  Args:
+    mode: "auto", "on" or "off" (`--distributed`).
+    workdir: the `--workdir` given.
+    names: the experiments to run.
+
+  Returns:
+    A context manager giving the workdir this process writes to.
+
+  Raises:
+    ValueError: for `mode` "on" with experiments that run on one process.
+  """
+  names = tuple(names)
+  if mode == "on" and names != _DISTRIBUTED:
+    raise ValueError(
+      f"--distributed=on: got experiments {list(names)}; expected only {list(_DISTRIBUTED)} (the others run on one "
+      "process)"
+    )
+  if names != _DISTRIBUTED or not maybe_initialize(mode):
+    yield workdir
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() == 0:
+    yield workdir
+    return
+  with (
+    tempfile.TemporaryDirectory(prefix=f"experiments-process-{jax.process_index()}-") as scratch,
+    open(os.devnull, "w") as quiet,
+    contextlib.redirect_stdout(quiet),  # results are process 0's to print; errors still reach stderr
+  ):
+    yield scratch
+
+
 def initialize(environ=None) -> None:
   """Joins this process to the others of its job: `jax.distributed.initialize()` from the environment.
 
@@ -249,7 +292,7 @@ def initialize(environ=None) -> None:
       f"{coordinator} within {timeout} s (a peer never started, exited early, or the port is blocked): {e}"
     ) from e
   if num_processes > 1:
-    _fail_fast(process_id, num_processes, shutdown, environ.get(ENV_STATUS_DIR))
+    _fail_fast(process_id, num_processes, shutdown, environ.get(ENV_STATUS_DIR), heartbeat)
 
 
 def _is_loopback(host: str) -> bool:
@@ -326,7 +369,9 @@ def _status_of(code) -> int:
   return code if isinstance(code, int) else 1  # as the interpreter does: a message exits with 1
 
 
-def _fail_fast(process_id: int, num_processes: int, shutdown: int, status_dir: str | None) -> None:
+def _fail_fast(
+  process_id: int, num_processes: int, shutdown: int, status_dir: str | None, heartbeat: int = _HEARTBEAT_TIMEOUT
+) -> None:
   """Makes a failing process exit at once, without waiting at JAX's shutdown barrier for the others.
 
   At exit JAX waits for every process to shut down too; a peer blocked in a collective with this one never
@@ -339,6 +384,7 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int, status_dir: s
     num_processes: the number of processes, for the messages.
     shutdown: the barrier's timeout in seconds, for the message.
     status_dir: the launcher's status folder (peers' pids in, this process's failure out), or None.
+    heartbeat: the heartbeat timeout in seconds: how long to wait for JAX to tell which peer was lost.
   """
   me = f"process {process_id} of {num_processes}"
   previous_hook = sys.excepthook
@@ -350,7 +396,10 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int, status_dir: s
     finally:
       if os.getpid() == owner:
         status = 130 if issubclass(kind, KeyboardInterrupt) else 1
-        _leave(me, process_id, status_dir, status, f"the uncaught {kind.__name__} above")
+        why = f"the uncaught {kind.__name__} above"
+        if _LOST_CONNECTION.search(str(value)):
+          why += _lost_peers_text(process_id, num_processes, heartbeat)
+        _leave(me, process_id, status_dir, status, why)
 
   def exit(status=None):  # pylint: disable=redefined-builtin
     raise _ProgramExit(status)
@@ -368,6 +417,39 @@ def _fail_fast(process_id: int, num_processes: int, shutdown: int, status_dir: s
   # Started now: a thread cannot be started once the interpreter is exiting.
   threading.Thread(target=_explain_the_wait, args=(exiting, me, shutdown), daemon=True).start()
   atexit.register(at_exit)
+
+
+# A collective or the coordination service lost a peer (Gloo's "Connection reset by peer", a heartbeat).
+_LOST_CONNECTION = re.compile(r"Gloo|[Cc]onnection|heartbeat|UNAVAILABLE|peer", re.I)
+
+
+def _lost_peers_text(process_id: int, num_processes: int, heartbeat: int) -> str:
+  """ ", process(es) [..] of n lost" from JAX's coordination service, or "" when it cannot tell in time.
+
+  Gloo names only a socket; the coordination service knows the task, once its heartbeats stop (at most
+  `heartbeat` seconds). Asked from a thread: the call waits for the live tasks and must not hold us longer.
+  """
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+    client = distributed.global_state.client
+  except ImportError:
+    return ""
+  if client is None:
+    return ""
+  found: list = []
+
+  def ask():
+    try:
+      found.append(client.get_live_nodes(list(range(num_processes))))
+    except Exception:  # noqa: BLE001  the runtime raises several types; only a hint for the message
+      pass
+
+  thread = threading.Thread(target=ask, daemon=True)
+  thread.start()
+  thread.join(heartbeat + 10)
+  lost = sorted(set(range(num_processes)) - set(found[0])) if found else []
+  return f"; lost peer: process {', '.join(map(str, lost))} of {num_processes} (task {lost[0]})" if lost else ""
 
 
 def _leave(me: str, process_id: int, status_dir: str | None, status: int, why: str) -> None:

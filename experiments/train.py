@@ -8,8 +8,16 @@ same state (the same ``state_digest``). With ``num_devices > 1`` the step is dat
 A run whose training loss (or state) becomes non-finite stops at the first evaluation or checkpoint step
 after it, records nothing non-finite, saves no further checkpoint (the last good one stays), and its
 summary's verdict says "diverged at step N".
+
+On many processes (``python -m experiments train`` under SLURM, Open MPI, Kubernetes, a TPU pod or
+`experiments.launch`, which `experiments.__main__` joins with `experiments.launch.maybe_initialize`) the
+mesh spans every process's devices (``num_devices`` must be all of them, ``parallel`` "jit" or "shard_map"),
+each process places only its own rows of each batch, and every process writes the checkpoints (Orbax's
+multi-process save). Process 0 owns the run folder; the others run in a scratch folder and take from it the
+facts that must agree: the checkpoint folder, whether to resume, and the metrics rows so far.
 """
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +48,54 @@ def evaluate(metrics: dict, criterion) -> Verdict:
 
 def _placement(config):
   """Where the state and the batches go: None (one device), a Mesh (jit, shard_map) or devices (pmap)."""
+  if jax.process_count() > 1:
+    return _global_mesh(config)
   if config.num_devices == 1:
     return None
   devices = jax.devices()[:config.num_devices]
   return devices if config.parallel == "pmap" else training.batch_mesh(devices, AXIS_NAME)
+
+
+def _global_mesh(config):
+  """The mesh over every process's devices, for a run on many processes."""
+  if config.num_devices != jax.device_count():
+    raise ValueError(f"config.num_devices: got {config.num_devices} on {jax.process_count()} processes with "
+                     f"{jax.device_count()} devices in all; expected {jax.device_count()} (every device)")
+  if config.parallel not in ("jit", "shard_map"):
+    raise ValueError(f"config.parallel: got {config.parallel!r} on {jax.process_count()} processes; expected "
+                     f"'jit' or 'shard_map' (pmap maps one process's devices)")
+  return training.batch_mesh(jax.devices(), AXIS_NAME)
+
+
+def _from_primary(value):
+  """Process 0's ``value`` (JSON-serializable) on every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  padded = np.zeros(size, np.uint8)
+  padded[:min(size, data.size)] = data[:size]
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
+
+
+def _share_run(run):
+  """The checkpoint folder and resume decision of process 0; its metrics rows copied into this run."""
+  facts = _from_primary({"checkpoints": str(run.path("checkpoints")), "resume": run.resume,
+                         "rows": run.read_metrics()})
+  if jax.process_index() != 0:
+    run.resume = facts["resume"]
+    run.rewrite_metrics(lambda r: False)
+    for row in facts["rows"]:
+      run.log(**row)
+  return facts["checkpoints"]
+
+
+def _local_copy(tree):
+  """This process's copy of a replicated global state (the state itself on one process)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
 
 
 def run(config, run) -> Result:
@@ -61,14 +113,19 @@ def run(config, run) -> Result:
     step_fn = training.make_train_step(model_train, tx, parallel=config.parallel, mesh=mesh,
                                        axis_name=AXIS_NAME)
   place = (lambda tree: tree) if placement is None else (lambda tree: training.replicate(tree, placement))
-  unplace = training.unreplicate if config.parallel == "pmap" and placement is not None else (lambda t: t)
-  shard = (lambda batch: batch) if placement is None else (lambda b: training.shard_batch(b, placement))
+  unplace = training.unreplicate if config.parallel == "pmap" and placement is not None else _local_copy
+  if jax.process_count() > 1:  # this process's rows of each global batch only
+    own = training.process_batch_rows(config.batch_size, placement, axis_name=AXIS_NAME)
+    shard = lambda b: training.shard_batch(jax.tree.map(lambda a: np.asarray(a)[own], b), placement,
+                                           process_local=True)
+  else:
+    shard = (lambda batch: batch) if placement is None else (lambda b: training.shard_batch(b, placement))
   eval_fn = jax.jit(common.make_eval_fn(model))
   train = dataset.train
   state = training.create_train_state(model, tx, jnp.asarray(train.x[:config.batch_size]),
                                       rng=jax.random.key(config.seed))
 
-  ckpt_dir = run.path("checkpoints")
+  ckpt_dir = _share_run(run)
   from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   schedule = common.record_steps(config.num_steps, config.eval_every)
 
@@ -105,7 +162,7 @@ def run(config, run) -> Result:
     with run.progress(config.num_steps, desc="train") as bar:
       bar.update(start)
       for step, (x, y) in enumerate(batches, start=start + 1):
-        state, metrics = step_fn(state, shard((jnp.asarray(x), jnp.asarray(y))))
+        state, metrics = step_fn(state, shard((x, y)))
         pending.append(metrics)
         at_eval = step % config.eval_every == 0 or step == config.num_steps
         at_checkpoint = config.checkpoint_every and (step % config.checkpoint_every == 0 or
@@ -121,7 +178,8 @@ def run(config, run) -> Result:
           pending = []
           bar.set_postfix(loss=f"{row['train_loss']:.3f}")
         if at_checkpoint:
-          checkpoint_lib.save(ckpt_dir, unplace(state), step=step, keep=3)
+          saved = state if jax.process_count() > 1 else unplace(state)  # every process writes its part
+          checkpoint_lib.save(ckpt_dir, saved, step=step, keep=3)
         bar.update(1)
   if diverged_at is not None:
     kept = checkpoint_lib.latest_step(ckpt_dir) if config.checkpoint_every else None
