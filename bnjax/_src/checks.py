@@ -26,7 +26,6 @@ class Spec(NamedTuple):
     axis_names: the mapped axes synchronised over (empty: none).
     axis_index_groups: groups of indices of `axis_names`, as tuples, or None.
     masked: a mask comes with the call (as an array of x's rank, full size on the reduced axes).
-    per_element: the mask varies along a feature axis (each feature counts its own entries).
     count: values per feature before masking: local reduced size times the synchronised devices.
 
   A `Spec` is static (hashable); the mask itself travels beside it as data.
@@ -38,7 +37,6 @@ class Spec(NamedTuple):
   axis_names: tuple[str, ...] = ()
   axis_index_groups: tuple[tuple[int, ...], ...] | None = None
   masked: bool = False
-  per_element: bool = False
   count: int = 1
 
 
@@ -201,8 +199,8 @@ def _check_mapped_axes(x, names: tuple[str, ...]) -> None:
     )
 
 
-def mask_form(mask, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[jax.Array, bool]:
-  """`mask` at x's rank, broadcastable to x, and whether it varies along a feature axis.
+def mask_form(mask, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+  """`mask` at x's rank, full size on the reduced axes, broadcastable to x.
 
   Two forms: x's shape without the feature axes (whole rows), or, as in Flax, any shape broadcastable
   to x (per element).
@@ -216,17 +214,16 @@ def mask_form(mask, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[ja
   ndim = len(x_shape)
   rows_shape = tuple(d for i, d in enumerate(x_shape) if i not in axes)
   if mask.ndim < ndim and mask.shape == rows_shape:
-    return jnp.expand_dims(mask, axes), False  # the row form
+    return jnp.expand_dims(mask, axes)  # the row form
   if mask.ndim > ndim or any(m not in (1, d) for m, d in zip(mask.shape[::-1], x_shape[::-1])):
     raise ValueError(
       f"`mask` has shape {mask.shape}, but x has shape {x_shape} with feature axes {axes}: expected "
       f"x's shape without the feature axes, {rows_shape}, or a shape broadcastable to {x_shape}."
     )
   mask = mask.reshape((1,) * (ndim - mask.ndim) + mask.shape)
-  per_element = any(mask.shape[a] != 1 for a in axes)
   # Full size along the reduced axes, so that summing the mask counts values.
   full = tuple(m if i in axes else d for i, (m, d) in enumerate(zip(mask.shape, x_shape)))
-  return jnp.broadcast_to(mask, full), per_element
+  return jnp.broadcast_to(mask, full)
 
 
 def check_variables(params, stats, feature_shape, x_shape, axes, *, stats_arg: str = "stats.") -> None:
@@ -300,12 +297,11 @@ def spec(
   names = axis_names(axis_name, axis_index_groups)
   groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
   devices = axis_size(names, groups)
-  per_element = False
   if mask is not None:
-    mask, per_element = mask_form(mask, shape, axes)
+    mask = mask_form(mask, shape, axes)
   reduced = tuple(i for i in range(len(shape)) if i not in axes)
   count = math.prod(shape[i] for i in reduced) * devices
-  return Spec(axes, reduced, feature_shape, names, groups, mask is not None, per_element, count), mask
+  return Spec(axes, reduced, feature_shape, names, groups, mask is not None, count), mask
 
 
 def train_spec(
