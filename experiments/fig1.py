@@ -125,12 +125,12 @@ def run(config, run) -> Result:
                   f"(lr {config.learning_rate:g}, batch {config.batch_size}); drift in sigmoid-input units",
                   ["arm", f"steps to {criterion.target_accuracy:.0%} (mean curve)", "final test acc % (± s.e.)",
                    f"{criterion.drift_statistic} drift, mean [95% CI]", f"{criterion.drift_statistic} drift per "
-                   "seed (criterion)", "max drift per seed (v1)", f"{criterion.drift_statistic} drift per seed, "
+                   "seed (criterion)", "max drift per seed (v2)", f"{criterion.drift_statistic} drift per seed, "
                    "inference mode"], rows)]
   plots = [_plot(run, config, histories, warmup_step)]
   count = lambda key: sum(b < n for b, n in zip(metrics[key]["bn"], metrics[key]["none"], strict=True))
   notes = (f"Criterion history: {HISTORY} This run: BN drifts less in {count('drift')} of {len(seeds)} seeds "
-           f"by the {criterion.drift_statistic} (the criterion), in {count('drift_max')} by the v1 max; in "
+           f"by the {criterion.drift_statistic} (the criterion), in {count('drift_max')} by the v2 max; in "
            f"inference mode over the test split (running statistics) in {count('drift_inference_mode')} by the "
            f"{criterion.drift_statistic} and {count('drift_inference_mode_max')} by the max. Paired BN - none "
            f"{criterion.drift_statistic} drift: {paired['mean']:+.3f} [{paired['low']:+.3f}, {paired['high']:+.3f}] "
