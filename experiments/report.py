@@ -457,6 +457,10 @@ def _read_run(workdir: pathlib.Path, name: str, directory: pathlib.Path) -> _Run
     raise ReportError(f"--workdir: {where}: is not valid JSON ({e}); expected a run's summary") from None
   _check_summary(summary, name, where)
   plots = {plot: _read_inside(folder, plot) for plot in summary["plots"]}
+  for plot in summary["plots"]:  # each figure's vector twin, published beside its PNG when the run made one
+    twin = plot[: -len(".png")] + ".svg"
+    if os.path.lexists(folder / twin):
+      plots[twin] = _read_inside(folder, twin)
   return _Run(name, directory, summary, raw, plots)
 
 

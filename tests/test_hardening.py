@@ -513,3 +513,14 @@ def test_a_child_names_a_taken_coordinator_or_rendezvous_port():
       launch.initialize(environ=environ)
     with pytest.raises(RuntimeError, match=f"cannot open the rendezvous at 127.0.0.1:{port}"):
       launch._rendezvous(f"127.0.0.1:{port}", num_processes=2, process_id=0, timeout=1)
+
+
+def test_a_figures_vector_twin_is_published_and_an_escaping_one_refused(site):
+  run = make_run(site["workdir"])
+  (run / "train.svg").write_text("<svg/>")
+  build(site)
+  assert (site["results"] / "train" / "train.svg").read_text() == "<svg/>"
+  (run / "train.svg").unlink()
+  (run / "train.svg").symlink_to(site["victim"] / "precious.txt")
+  with pytest.raises(report.ReportError, match="outside its run folder"):
+    build(site)
