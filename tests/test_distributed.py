@@ -4,7 +4,6 @@ launcher; a lost peer; checkpoints resumed on the same and on another process co
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
