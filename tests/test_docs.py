@@ -82,13 +82,6 @@ def test_readme_quickstart_has_the_two_commands():
   assert '".[test,experiments,bench,docs,lint]"' in tests and " && python -m pytest" in tests, tests
 
 
-# Pages whose snippets fail when run a second time in the same directory, with why: remove the entry once fixed.
-TWICE_PENDING = {
-  "docs/guides/training.md": "its checkpoint example saves into ./checkpoints, which the first run left behind; "
-  "the page is being rewritten",
-}
-
-
 def _run_page(page: str) -> None:
   namespace = {"__name__": "__docs__"}
   for line, lang, code, marker, _ in BLOCKS[page]:
@@ -103,13 +96,7 @@ def test_page_runs(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.syspath_prepend(str(ROOT))  # `experiments` is a folder of the checkout, not an installed package
   _run_page(page)
-  if page not in TWICE_PENDING:
-    _run_page(page)
-    return
-  try:
-    _run_page(page)
-  except Exception as e:  # noqa: BLE001 - any failure of the second run is the known one
-    pytest.xfail(f"{page} fails when run a second time ({type(e).__name__}: {e}); {TWICE_PENDING[page]}")
+  _run_page(page)
 
 
 def test_marked_blocks_are_listed():
