@@ -103,6 +103,8 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 _PF_EXITING = 0x4  # /proc/<pid>/stat's flags: the process is exiting
 _PIDS_FILE = "pids.json"  # in the status folder: {process id: pid}, written once every child started
 _STACK_ADDRESS = re.compile(r"\s*@\s+0x[0-9a-f]+\s")  # a frame of absl's fatal-error stack trace
+# Gloo's report of each connection it makes: noise in every run, shown with `verbose`.
+_RUNTIME_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -753,16 +755,18 @@ def _start(index: int, command: Sequence[str], env) -> _Child:
   return _Child(index, proc)
 
 
-def _watch(child: _Child, exits: queue.Queue, out, lock: threading.Lock) -> None:
+def _watch(child: _Child, exits: queue.Queue, out, lock: threading.Lock, verbose: bool) -> None:
   """Starts the threads that forward `child`'s output and put `(index, returncode)` on `exits` at its end."""
-  child.forwarder = threading.Thread(target=_forward, args=(child, out, lock), daemon=True)
+  child.forwarder = threading.Thread(target=_forward, args=(child, out, lock, verbose), daemon=True)
   child.forwarder.start()
   threading.Thread(target=_reap, args=(child, exits), daemon=True).start()
 
 
-def _forward(child: _Child, out, lock: threading.Lock) -> None:
+def _forward(child: _Child, out, lock: threading.Lock, verbose: bool) -> None:
   for line in iter(child.proc.stdout.readline, b""):
     text = line.decode("utf-8", errors="replace").rstrip("\n")
+    if not verbose and _RUNTIME_CHATTER.match(text):
+      continue
     if not _STACK_ADDRESS.match(text):  # a native stack's addresses would crowd out the message
       child.tail.append(text)
     with lock:
@@ -896,6 +900,7 @@ def launch(
   shutdown_timeout: int = _SHUTDOWN_TIMEOUT,
   env=None,
   out=None,
+  verbose: bool = False,
 ) -> int:
   """Runs `processes` copies of `command` as one `jax.distributed` job; returns the exit status.
 
@@ -911,6 +916,7 @@ def launch(
     shutdown_timeout: seconds an exiting process waits at JAX's shutdown barrier for the others.
     env: the children's base environment (default: this process's).
     out: where the prefixed output goes (default: sys.stdout).
+    verbose: also forward the collectives' connection messages (Gloo's), hidden by default.
 
   Returns:
     0 when every process exits with 0; otherwise the first failing process's status (a signal `s` as
@@ -971,7 +977,7 @@ def launch(
           )
           with stop_signals.held():
             children.append(_start(index, command, child_env))
-          _watch(children[-1], exits, out, lock)
+          _watch(children[-1], exits, out, lock, verbose)
         _write_json(os.path.join(status_dir, _PIDS_FILE), {c.index: c.proc.pid for c in children})
         status = _wait(children, exits, max_time, log, status_dir)
       except _Stopped as e:
@@ -1081,6 +1087,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     default=_SHUTDOWN_TIMEOUT,
     help=f"seconds an exiting process waits for the others at the shutdown barrier (default {_SHUTDOWN_TIMEOUT})",
   )
+  parser.add_argument(
+    "--verbose", action="store_true", help="also show the collectives' connection messages (Gloo's)"
+  )
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- followed by the command to run")
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -1102,6 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       max_time=args.max_time,
       heartbeat_timeout=args.heartbeat_timeout,
       shutdown_timeout=args.shutdown_timeout,
+      verbose=args.verbose,
     )
   except ValueError as e:
     print(f"python -m experiments.launch: error: {e}", file=sys.stderr)

@@ -203,3 +203,13 @@ def test_command_line_errors():
   assert result.returncode == 2 and "processes must be an int >= 1, got 0" in result.stderr
   result = cli("--processes", "1", "--heartbeat-timeout", "0", "--", "true")
   assert result.returncode == 2 and "heartbeat_timeout must be an int >= 1, got 0" in result.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_gloo_connection_chatter_only_when_verbose(verbose):
+  chatter = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+  status, out = launch_in_process(
+    [sys.executable, "-c", f"print({chatter!r}); print('result')"], processes=1, verbose=verbose
+  )
+  assert status == 0 and "[0] result" in out, out
+  assert (chatter in out) == verbose, out
