@@ -37,6 +37,7 @@ arguments and global (e.g. replicated) arrays; the primary process alone locks, 
 folders aside. A `pmap`-layout state (leading device axis) is saved as it is, or
 `bnjax.training.unreplicate`d first to save one copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,19 @@ import numpy as np
 from experiments import files
 
 __all__ = [
-  "save", "restore", "resume", "verify", "writer", "latest_step", "all_steps", "Resumed", "CheckpointError",
-  "CorruptCheckpointError", "CheckpointLockedError", "CheckpointOrderError", "CheckpointWarning",
+  "save",
+  "restore",
+  "resume",
+  "verify",
+  "writer",
+  "latest_step",
+  "all_steps",
+  "Resumed",
+  "CheckpointError",
+  "CorruptCheckpointError",
+  "CheckpointLockedError",
+  "CheckpointOrderError",
+  "CheckpointWarning",
 ]
 
 PyTree = Any
@@ -103,6 +115,7 @@ class CheckpointWarning(UserWarning):
 class Resumed:
   """What `resume` found: the restored state (the target when ``step`` is None), its extra, its step, and
   the newer steps it skipped, newest first, as ``(step, reason)``."""
+
   state: PyTree
   extra: dict
   step: int | None
@@ -168,6 +181,7 @@ _sync_count = itertools.count()
 def _sync(tag: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(f"experiments.checkpoint.{tag}.{next(_sync_count)}")
 
 
@@ -291,8 +305,9 @@ def _check_files(path: pathlib.Path, step: int) -> dict:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CorruptCheckpointError(path, step, f"its {DIGEST_FILE} is unreadable ({e})") from e
   if record.get("format") != DIGEST_FORMAT:
-    raise CorruptCheckpointError(path, step, f"its {DIGEST_FILE} has format {record.get('format')!r}, expected "
-                                 f"{DIGEST_FORMAT!r}")
+    raise CorruptCheckpointError(
+      path, step, f"its {DIGEST_FILE} has format {record.get('format')!r}, expected {DIGEST_FORMAT!r}"
+    )
   if record.get("step") != step:
     raise CorruptCheckpointError(path, step, f"its {DIGEST_FILE} is that of step {record.get('step')!r}")
   for rel, want in sorted(listed.items()):
@@ -320,8 +335,11 @@ def _step_folders(path: pathlib.Path) -> list[int]:
   """Steps with a finalized folder (named by the step alone), sealed or not, ascending."""
   if not path.is_dir():
     return []
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isascii() and p.name.isdigit() and
-                p.name == str(int(p.name)) and p.is_dir())
+  return sorted(
+    int(p.name)
+    for p in path.iterdir()
+    if p.name.isascii() and p.name.isdigit() and p.name == str(int(p.name)) and p.is_dir()
+  )
 
 
 def all_steps(directory: PathLike) -> list[int]:
@@ -532,8 +550,9 @@ def _restore_step(path: pathlib.Path, step: int, target_state: PyTree) -> tuple[
   _check_like(restored.state, target, record, step, path)
   sha = _arrays_digest(restored.state)[0]
   if record.get("arrays_sha256") is not None and sha is not None and sha != record["arrays_sha256"]:
-    raise CorruptCheckpointError(path, step, "the sha256 of the restored arrays differs from the one recorded when "
-                                 "it was saved")
+    raise CorruptCheckpointError(
+      path, step, "the sha256 of the restored arrays differs from the one recorded when it was saved"
+    )
   return _rewrap(restored.state, target_state), dict(restored.extra or {})
 
 

@@ -7,6 +7,7 @@ it, and `jax.lax.scan` runs `eval_every` steps per compiled call. Seeds (and, th
 ``i`` is `experiments.data.batch_at(train, batch_size, step, seed=seeds[i])`, the same order the single-run
 `train` experiment uses, and the same seed gives the same order in every arm (paired comparisons).
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -36,8 +37,11 @@ ACTIVATIONS = {"relu": linen.relu, "sigmoid": linen.sigmoid, "tanh": jnp.tanh}
 def load_data(config, *, dataset: str | None = None, standardize: bool | None = None, seed: int | None = None):
   """The config's dataset (split with ``config.seed`` or ``seed``), optionally another one or standardized."""
   return data_lib.load_dataset(
-      dataset or config.dataset, data_dir=config.data_dir or None, seed=config.seed if seed is None else seed,
-      standardize=config.standardize if standardize is None else standardize)
+    dataset or config.dataset,
+    data_dir=config.data_dir or None,
+    seed=config.seed if seed is None else seed,
+    standardize=config.standardize if standardize is None else standardize,
+  )
 
 
 def load_replicates(config, seeds: Sequence[int], *, dataset: str | None = None, standardize: bool | None = None):
@@ -50,8 +54,9 @@ def load_replicates(config, seeds: Sequence[int], *, dataset: str | None = None,
   if not config.get("split_per_seed", False):
     return load_data(config, dataset=dataset, standardize=standardize)
   drawn = {s: load_data(config, dataset=dataset, standardize=standardize, seed=s) for s in sorted(set(seeds))}
-  stack = lambda name: data_lib.Split(np.stack([getattr(drawn[s], name).x for s in seeds]),
-                                      np.stack([getattr(drawn[s], name).y for s in seeds]))
+  stack = lambda name: data_lib.Split(
+    np.stack([getattr(drawn[s], name).x for s in seeds]), np.stack([getattr(drawn[s], name).y for s in seeds])
+  )
   return drawn[seeds[0]]._replace(train=stack("train"), val=stack("val"), test=stack("test"))
 
 
@@ -62,28 +67,40 @@ def kernel_init(init_stddev: float):
   return linen.linear.default_kernel_init
 
 
-def make_mlp(config, num_classes: int, *, norm: str | None = None, activation: str | None = None,
-             hidden: Sequence[int] | None = None, **kwargs) -> models.MLP:
+def make_mlp(
+  config,
+  num_classes: int,
+  *,
+  norm: str | None = None,
+  activation: str | None = None,
+  hidden: Sequence[int] | None = None,
+  **kwargs,
+) -> models.MLP:
   """The config's MLP; ``norm`` is ``"none"``, ``"pre"`` or ``"post"`` (default: ``config.norm``)."""
   norm = config.norm if norm is None else norm
   return models.MLP(
-      features=(*(config.hidden if hidden is None else hidden), num_classes),
-      activation=ACTIVATIONS[activation or config.activation],
-      norm=None if norm == "none" else norm,
-      momentum=config.momentum, epsilon=config.epsilon,
-      kernel_init=kernel_init(config.init_stddev), **kwargs)
+    features=(*(config.hidden if hidden is None else hidden), num_classes),
+    activation=ACTIVATIONS[activation or config.activation],
+    norm=None if norm == "none" else norm,
+    momentum=config.momentum,
+    epsilon=config.epsilon,
+    kernel_init=kernel_init(config.init_stddev),
+    **kwargs,
+  )
 
 
 class InputNormMLP(linen.Module):
   """A `bnjax.nn.BatchNorm` on the raw inputs, then ``mlp`` (the article's "normalize the input layer")."""
+
   mlp: models.MLP
   momentum: float = 0.99
   epsilon: float = 1e-5
 
   @linen.compact
   def __call__(self, x, *, train: bool):
-    x = bn_nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
-                        name="BatchNorm_input")(x)
+    x = bn_nn.BatchNorm(
+      use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon, name="BatchNorm_input"
+    )(x)
     return self.mlp(x, train=train)
 
 
@@ -94,9 +111,9 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
   train at different learning rates under one compiled, vmapped step.
   """
   factories = {
-      "sgd": optax.sgd,
-      "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
-      "adam": optax.adam,
+    "sgd": optax.sgd,
+    "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+    "adam": optax.adam,
   }
   return optax.inject_hyperparams(factories[name])(learning_rate=learning_rate)
 
@@ -148,6 +165,7 @@ class History:
   ``diverged_at[i]`` is the step at which model ``i``'s training loss (or its state) became non-finite,
   None if it never did.
   """
+
   steps: np.ndarray
   values: dict[str, np.ndarray]
   diverged_at: list = dataclasses.field(default_factory=list)
@@ -163,8 +181,7 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, start: int, num_steps:
   the row numbers), so every run of a seed sees the same data order.
   """
   index_split = data_lib.Split(np.arange(num_rows, dtype=np.int32), np.zeros(num_rows, np.int32))
-  batches = data_lib.iterate_batches(index_split, batch_size, seed=seed, start_step=start,
-                                    num_steps=num_steps)
+  batches = data_lib.iterate_batches(index_split, batch_size, seed=seed, start_step=start, num_steps=num_steps)
   return np.stack([rows for rows, _ in batches])
 
 
@@ -215,6 +232,7 @@ def resume_state(run, ckpt_dir, target, *, label: str, rows: Sequence[dict], sch
     ``(state, step, extra)``; ``(target, 0, {})`` when no checkpoint can be continued from.
   """
   from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
   prefix = f"{label}: " if label else ""
   covered = covered_through({r.get("step") for r in rows}, schedule)
   found = checkpoint_lib.resume(ckpt_dir, target, max_step=covered)
@@ -231,18 +249,23 @@ def resume_state(run, ckpt_dir, target, *, label: str, rows: Sequence[dict], sch
 
 def all_finite(tree) -> bool:
   """Whether every float leaf of ``tree`` is finite (one host transfer of a bool per leaf)."""
-  return all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(tree)
-             if jnp.issubdtype(leaf.dtype, jnp.inexact))
+  return all(
+    bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  )
 
 
 def finite_models(states) -> jax.Array:
   """Per stacked model (leading axis): whether every float leaf of its params, batch_stats and optimizer
   state is finite; shape ``(M,)``."""
-  leaves = [leaf for leaf in jax.tree.leaves((states.params, states.batch_stats, states.opt_state))
-            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  leaves = [
+    leaf
+    for leaf in jax.tree.leaves((states.params, states.batch_stats, states.opt_state))
+    if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
   num_models = jax.tree.leaves(states.params)[0].shape[0]
-  return functools.reduce(jnp.logical_and, [jnp.isfinite(leaf).reshape(num_models, -1).all(1) for leaf in leaves],
-                          jnp.ones(num_models, bool))
+  return functools.reduce(
+    jnp.logical_and, [jnp.isfinite(leaf).reshape(num_models, -1).all(1) for leaf in leaves], jnp.ones(num_models, bool)
+  )
 
 
 def init_states(model, tx, sample_x, seeds: Sequence[int], learning_rates=None):
@@ -256,10 +279,23 @@ def init_states(model, tx, sample_x, seeds: Sequence[int], learning_rates=None):
   return states
 
 
-def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num_steps: int,
-                 batch_size: int, eval_every: int, checkpoint_every: int = 0, learning_rates=None,
-                 probe: Callable | None = None, eval_splits=("val", "test"),
-                 num_devices: int = 1):
+def train_models(
+  run,
+  arm: str,
+  model,
+  tx,
+  dataset,
+  *,
+  seeds: Sequence[int],
+  num_steps: int,
+  batch_size: int,
+  eval_every: int,
+  checkpoint_every: int = 0,
+  learning_rates=None,
+  probe: Callable | None = None,
+  eval_splits=("val", "test"),
+  num_devices: int = 1,
+):
   """Trains ``len(seeds)`` models of ``model`` at once; returns ``(final stacked state, History)``.
 
   Args:
@@ -295,8 +331,10 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
   sharding = None
   if num_devices > 1:
     if num_models % num_devices:
-      raise ValueError(f"num_devices: got {num_devices}, which does not divide the {num_models} models "
-                       f"of arm {arm!r}; expected a divisor")
+      raise ValueError(
+        f"num_devices: got {num_devices}, which does not divide the {num_models} models "
+        f"of arm {arm!r}; expected a divisor"
+      )
     mesh = jax.make_mesh((num_devices,), ("models",), devices=jax.devices()[:num_devices])
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
     states = jax.device_put(states, sharding)
@@ -309,6 +347,7 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
       batch = jax.vmap(lambda xs, ys, r: (xs[r], ys[r]))(x, y, rows_t) if stacked else (x[rows_t], y[rows_t])
       states, metrics = jax.vmap(step_fn)(states, batch)
       return states, metrics["loss"]
+
     states, losses = jax.lax.scan(body, states, rows)
     bad = ~jnp.isfinite(losses)
     first_bad = jnp.where(bad.any(0), jnp.argmax(bad, 0), -1)  # Per model: the chunk's first non-finite step.
@@ -329,6 +368,7 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
   ckpt_dir = run.path("checkpoints") / arm if checkpoint_every else None
   schedule = record_steps(num_steps, eval_every)
   from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
   with checkpoint_lib.writer(ckpt_dir) if ckpt_dir is not None else contextlib.nullcontext():
     start, extra = 0, {}
     if run.resume and ckpt_dir is not None:
@@ -357,25 +397,30 @@ def train_models(run, arm: str, model, tx, dataset, *, seeds: Sequence[int], num
         states, train_loss, first_bad, finite = run_chunk(states, train_x, train_y, jnp.asarray(rows))
         new = _newly_diverged(diverged_at, jax.device_get(first_bad), jax.device_get(finite), last, end)
         if new:
-          run.note(f"{arm}: {describe(new)} diverged at step {min(diverged_at[i] for i in new)}"
-                   + ("; the others carry on" if None in diverged_at else ""))
+          run.note(
+            f"{arm}: {describe(new)} diverged at step {min(diverged_at[i] for i in new)}"
+            + ("; the others carry on" if None in diverged_at else "")
+          )
         if None not in diverged_at:
           values = jax.device_get(evaluate(states, splits))
           nan_loss = np.full(num_models, np.nan, np.float32)
           for step in (s for s in schedule if s >= end):
-            records.append(_record(run, arm, step, values, jax.device_get(train_loss) if step == end else nan_loss,
-                                   diverged_at))
+            records.append(
+              _record(run, arm, step, values, jax.device_get(train_loss) if step == end else nan_loss, diverged_at)
+            )
           kept = checkpoint_lib.latest_step(ckpt_dir) if ckpt_dir is not None else None
-          run.note(f"{arm}: every model diverged; stopped at step {end}"
-                   + (f", last good checkpoint: step {kept}" if kept is not None else ""))
+          run.note(
+            f"{arm}: every model diverged; stopped at step {end}"
+            + (f", last good checkpoint: step {kept}" if kept is not None else "")
+          )
           bar.update(num_steps - last)
           break
         if end % eval_every == 0 or end == num_steps:
-          records.append(_record(run, arm, end, jax.device_get(evaluate(states, splits)),
-                                 jax.device_get(train_loss), diverged_at))
+          records.append(
+            _record(run, arm, end, jax.device_get(evaluate(states, splits)), jax.device_get(train_loss), diverged_at)
+          )
         if ckpt_dir is not None and (end % checkpoint_every == 0 or end == num_steps):
-          checkpoint_lib.save(ckpt_dir, jax.device_get(states), step=end, keep=2,
-                              extra={"diverged_at": diverged_at})
+          checkpoint_lib.save(ckpt_dir, jax.device_get(states), step=end, keep=2, extra={"diverged_at": diverged_at})
         bar.update(end - last)
         last = end
   gone = [i for i, s in enumerate(diverged_at) if s is not None]
@@ -411,8 +456,7 @@ def _history(records, diverged_at=()) -> History:
   for key in keys:
     rows = [r.get(key) for r in records]
     fill = next(np.asarray(v, np.float64) for v in rows if v is not None)
-    values[key] = np.stack([np.asarray(v, np.float64) if v is not None else np.full_like(fill, np.nan)
-                            for v in rows])
+    values[key] = np.stack([np.asarray(v, np.float64) if v is not None else np.full_like(fill, np.nan) for v in rows])
   return History(steps=np.asarray([r["step"] for r in records]), values=values, diverged_at=list(diverged_at))
 
 
@@ -448,6 +492,7 @@ def paired_ci(a, b, *, confidence: float = 0.95) -> dict:
   Wasserman, "All of Statistics", section 10.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
   n = diff.size
   mean = float(diff.mean())
@@ -466,6 +511,7 @@ def mean_ci(values, *, confidence: float = 0.95) -> dict:
 def paired_test(a, b, *, confidence: float = 0.95) -> dict:
   """`paired_ci` of ``a - b`` plus the two-sided paired t-test's p-value (``p``)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   ci = paired_ci(a, b, confidence=confidence)
   diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
   if diff.size < 2:
@@ -506,8 +552,7 @@ def corrected_tests(pairs: dict, *, confidence: float = 0.95) -> dict:
 
 def fmt_ci(ci: dict, scale: float = 100.0, digits: int = 2) -> str:
   """``+m [+lo, +hi]`` (points when ``scale`` is 100)."""
-  return (f"{scale * ci['mean']:+.{digits}f} [{scale * ci['low']:+.{digits}f}, "
-          f"{scale * ci['high']:+.{digits}f}]")
+  return f"{scale * ci['mean']:+.{digits}f} [{scale * ci['low']:+.{digits}f}, {scale * ci['high']:+.{digits}f}]"
 
 
 def first_step_reaching(steps, values, target: float) -> float:
@@ -531,12 +576,22 @@ def seeds_of(config) -> list:
   return [config.seed + i for i in range(config.num_seeds)]
 
 
-def train_arm(run, arm: str, config, model, dataset, *, learning_rates=None, seeds=None,
-              batch_size=None, **kwargs):
+def train_arm(run, arm: str, config, model, dataset, *, learning_rates=None, seeds=None, batch_size=None, **kwargs):
   """`train_models` with the config's optimizer, steps, batch size, evaluation and checkpoint cadence."""
   seeds = seeds_of(config) if seeds is None else seeds
   tx = make_optimizer(config.optimizer, config.learning_rate)
-  return train_models(run, arm, model, tx, dataset, seeds=seeds, num_steps=config.num_steps,
-                      batch_size=config.batch_size if batch_size is None else batch_size, eval_every=config.eval_every,
-                      checkpoint_every=config.checkpoint_every, learning_rates=learning_rates,
-                      num_devices=config.num_devices, **kwargs)
+  return train_models(
+    run,
+    arm,
+    model,
+    tx,
+    dataset,
+    seeds=seeds,
+    num_steps=config.num_steps,
+    batch_size=config.batch_size if batch_size is None else batch_size,
+    eval_every=config.eval_every,
+    checkpoint_every=config.checkpoint_every,
+    learning_rates=learning_rates,
+    num_devices=config.num_devices,
+    **kwargs,
+  )

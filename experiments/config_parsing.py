@@ -4,6 +4,7 @@ Overrides come from the command line as ``--config.key=value`` (nested: ``--conf
 Each value is parsed to the type the key already has, so a locked config refuses an unknown key or a value
 of the wrong type with a message that lists the valid keys.
 """
+
 import ast
 import importlib
 import math
@@ -17,14 +18,14 @@ from experiments import configs
 
 # In the order `python -m experiments all` runs them.
 EXPERIMENTS = (
-    "train",
-    "fig1",
-    "lr_sweep",
-    "feature_scale",
-    "deep_gradients",
-    "placement",
-    "keras_example",
-    "inference",
+  "train",
+  "fig1",
+  "lr_sweep",
+  "feature_scale",
+  "deep_gradients",
+  "placement",
+  "keras_example",
+  "inference",
 )
 
 
@@ -42,8 +43,7 @@ def config_module(name: str):
   return importlib.import_module(f"experiments.configs.{check_name(name)}")
 
 
-def load_config(name: str, *, quick: bool = False,
-                overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(name: str, *, quick: bool = False, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The locked config of experiment ``name`` (its quick form if asked) with ``overrides`` applied."""
   module = config_module(name)
   config = module.get_config("quick" if quick else "")
@@ -102,8 +102,9 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
         return text
   except (ValueError, SyntaxError):
     pass
-  raise ConfigError(f"--config.{key}: got {text!r}, expected a value of type {expected} "
-                    f"(the key's current value is {current!r})")
+  raise ConfigError(
+    f"--config.{key}: got {text!r}, expected a value of type {expected} (the key's current value is {current!r})"
+  )
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> set:
@@ -114,11 +115,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
   valid = leaf_keys(config)
   overridden = set()
   for item in overrides:
-    body = item[len("--config."):] if item.startswith("--config.") else item
+    body = item[len("--config.") :] if item.startswith("--config.") else item
     key, sep, text = body.partition("=")
     if not sep or not key:
-      raise ConfigError(f"config override: got {item!r}, expected --config.KEY=VALUE; "
-                        f"valid keys: {', '.join(valid)}")
+      raise ConfigError(f"config override: got {item!r}, expected --config.KEY=VALUE; valid keys: {', '.join(valid)}")
     if key not in valid:
       raise ConfigError(f"--config.{key}: unknown key; valid keys: {', '.join(valid)}")
     *parents, leaf = key.split(".")
@@ -129,8 +129,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     try:
       node[leaf] = value
     except TypeError as e:
-      raise ConfigError(f"--config.{key}: got {text!r}, which has the wrong type ({e}); "
-                        f"valid keys: {', '.join(valid)}") from e
+      raise ConfigError(
+        f"--config.{key}: got {text!r}, which has the wrong type ({e}); valid keys: {', '.join(valid)}"
+      ) from e
     overridden.add(key)
   return overridden
 
@@ -153,8 +154,7 @@ def check_learning_rates(config: ml_collections.ConfigDict) -> None:
       continue
     value = config[key]
     values = value if isinstance(value, (tuple, list)) else (value,)
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-           for v in values):
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 for v in values):
       expected = "finite positive numbers" if key == "learning_rates" else "a finite positive number"
       raise ConfigError(f"config.{key}: got {value!r}, expected {expected}")
 
@@ -168,8 +168,10 @@ def validate(name: str, config: ml_collections.ConfigDict) -> None:
   module = config_module(name)
   bad = non_finite_keys(config)
   if bad:
-    raise ConfigError(f"config.{bad[0]}: got {config_value(config, bad[0])!r}, expected a finite number"
-                      + (f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else ""))
+    raise ConfigError(
+      f"config.{bad[0]}: got {config_value(config, bad[0])!r}, expected a finite number"
+      + (f" (also non-finite: {', '.join(bad[1:])})" if len(bad) > 1 else "")
+    )
   check_learning_rates(config)
   configs.check_training(config)
   extra = getattr(module, "validate", None)

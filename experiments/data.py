@@ -17,6 +17,7 @@ Splits are deterministic functions of ``seed`` and stratified by class. Batches 
 The scikit-learn sets need the ``experiments`` extra (``pip install "bnjax[experiments]"``); scikit-learn is
 imported only when one of them is loaded.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,24 +27,25 @@ import operator
 import os
 import pathlib
 import zlib
-from typing import Iterator, NamedTuple, Optional, Tuple, Union
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
-    "DATASETS",
-    "Dataset",
-    "Split",
-    "batch_at",
-    "iterate_batches",
-    "load_dataset",
-    "read_idx",
-    "standardize",
-    "steps_per_epoch",
-    "write_idx",
+  "DATASETS",
+  "Dataset",
+  "Split",
+  "batch_at",
+  "iterate_batches",
+  "load_dataset",
+  "read_idx",
+  "standardize",
+  "steps_per_epoch",
+  "write_idx",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class Split(NamedTuple):
@@ -54,6 +56,7 @@ class Split(NamedTuple):
       loaded with ``flatten=False``.
     y: int32 class labels in ``[0, num_classes)``, shape ``(N,)``.
   """
+
   x: np.ndarray
   y: np.ndarray
 
@@ -67,12 +70,13 @@ class Dataset(NamedTuple):
     num_classes: the number of classes, labels are ``0 .. num_classes - 1``.
     feature_names: one name per feature for tabular sets, ``None`` for images.
   """
+
   name: str
   train: Split
   val: Split
   test: Split
   num_classes: int
-  feature_names: Optional[Tuple[str, ...]]
+  feature_names: tuple[str, ...] | None
 
 
 DATASETS = ("digits", "breast_cancer", "wine", "age_salary", "mnist", "fashion_mnist")
@@ -85,20 +89,20 @@ AGE_SALARY_ROWS = 4000
 # IDX files: https://yann.lecun.com/exdb/mnist/ ("FILE FORMATS FOR THE MNIST DATABASE"). The third magic
 # byte names the element type, the fourth the number of dimensions; sizes and data are big-endian.
 _IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
+  0x08: np.dtype(np.uint8),
+  0x09: np.dtype(np.int8),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
 }
 _IDX_CODES = {dtype.newbyteorder("="): code for code, dtype in _IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
+  "train_images": "train-images-idx3-ubyte",
+  "train_labels": "train-labels-idx1-ubyte",
+  "test_images": "t10k-images-idx3-ubyte",
+  "test_labels": "t10k-labels-idx1-ubyte",
 }
 
 # Distinct first words of the NumPy seed sequences, so that the synthetic data, the split and the batch
@@ -119,8 +123,7 @@ def _check_int(value, name: str, *, minimum: int) -> int:
   try:
     result = operator.index(value)
   except TypeError:
-    raise TypeError(
-        f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}.") from None
+    raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}.") from None
   if result < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {result}.")
   return result
@@ -142,15 +145,15 @@ def _check_split(split, name: str = "split") -> int:
   x, y = split
   if np.ndim(x) < 1 or np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
     raise ValueError(
-        f"{name} must hold x of shape (N, ...) and y of shape (N,), got x {np.shape(x)} and y {np.shape(y)}.")
+      f"{name} must hold x of shape (N, ...) and y of shape (N,), got x {np.shape(x)} and y {np.shape(y)}."
+    )
   return int(np.shape(y)[0])
 
 
 def _check_batch_size(batch_size, num_rows: int) -> int:
   batch_size = _check_int(batch_size, "batch_size", minimum=1)
   if batch_size > num_rows:
-    raise ValueError(
-        f"batch_size must be at most the number of rows in split ({num_rows}), got {batch_size}.")
+    raise ValueError(f"batch_size must be at most the number of rows in split ({num_rows}), got {batch_size}.")
   return batch_size
 
 
@@ -184,31 +187,32 @@ def read_idx(path: PathLike) -> np.ndarray:
     try:
       raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as error:
-      raise ValueError(
-          f"path {str(path)!r} starts like a gzip file but does not decompress: {error}.") from None
+      raise ValueError(f"path {str(path)!r} starts like a gzip file but does not decompress: {error}.") from None
   if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
     raise ValueError(
-        f"path {str(path)!r} is not an IDX file: expected the magic bytes 00 00 <type code> <ndim> with a "
-        f"type code in {sorted(hex(c) for c in _IDX_DTYPES)}, got {raw[:4].hex(' ') or 'an empty file'}.")
+      f"path {str(path)!r} is not an IDX file: expected the magic bytes 00 00 <type code> <ndim> with a "
+      f"type code in {sorted(hex(c) for c in _IDX_DTYPES)}, got {raw[:4].hex(' ') or 'an empty file'}."
+    )
   dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
   header_size = 4 + 4 * ndim
   if len(raw) < header_size:
     raise ValueError(
-        f"path {str(path)!r} is truncated: its header declares {ndim} dimensions ({header_size} header "
-        f"bytes) but the file has {len(raw)} bytes.")
+      f"path {str(path)!r} is truncated: its header declares {ndim} dimensions ({header_size} header "
+      f"bytes) but the file has {len(raw)} bytes."
+    )
   shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
   expected = math.prod(shape) * dtype.itemsize
   found = len(raw) - header_size
   if found != expected:
     problem = "is truncated" if found < expected else "has trailing bytes"
     raise ValueError(
-        f"path {str(path)!r} {problem}: shape {shape} of {dtype.name} needs {expected} data bytes, "
-        f"found {found}.")
+      f"path {str(path)!r} {problem}: shape {shape} of {dtype.name} needs {expected} data bytes, found {found}."
+    )
   data = np.frombuffer(raw, dtype=dtype, offset=header_size)
   return data.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
 
 
-def write_idx(path: PathLike, array, *, compress: Optional[bool] = None) -> None:
+def write_idx(path: PathLike, array, *, compress: bool | None = None) -> None:
   """Writes `array` as an IDX file, the inverse of `read_idx`.
 
   Args:
@@ -225,12 +229,12 @@ def write_idx(path: PathLike, array, *, compress: Optional[bool] = None) -> None
   native = array.dtype.newbyteorder("=")
   if native not in _IDX_CODES:
     raise TypeError(
-        f"array must have one of the IDX element types {sorted(d.name for d in _IDX_CODES)}, "
-        f"got {array.dtype.name}.")
+      f"array must have one of the IDX element types {sorted(d.name for d in _IDX_CODES)}, got {array.dtype.name}."
+    )
   if array.ndim > 255 or any(s >= 2**32 for s in array.shape):
     raise ValueError(
-        f"array must have at most 255 dimensions, each below 2**32, to fit an IDX header, got shape "
-        f"{array.shape}.")
+      f"array must have at most 255 dimensions, each below 2**32, to fit an IDX header, got shape {array.shape}."
+    )
   code = _IDX_CODES[native]
   header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
   payload = header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
@@ -251,8 +255,9 @@ def _import_sklearn_datasets():
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     raise ImportError(
-        "The datasets 'digits', 'breast_cancer' and 'wine' are read from scikit-learn, which is not "
-        "installed. Install it with: pip install \"bnjax[experiments]\"") from error
+      "The datasets 'digits', 'breast_cancer' and 'wine' are read from scikit-learn, which is not "
+      'installed. Install it with: pip install "bnjax[experiments]"'
+    ) from error
   return datasets
 
 
@@ -300,52 +305,59 @@ def make_age_salary(seed: int = 0, num_rows: int = AGE_SALARY_ROWS):
   rng = np.random.default_rng([_GENERATE_STREAM, seed])
   age = rng.integers(18, 101, size=num_rows).astype(np.float64)
   experience = np.round((age - 18.0) * rng.beta(2.0, 1.5, size=num_rows), 1)
-  log_salary = np.clip(
-      4.25 + 0.022 * np.minimum(experience, 40.0) + rng.normal(0.0, 0.35, size=num_rows), 4.0, 6.0)
+  log_salary = np.clip(4.25 + 0.022 * np.minimum(experience, 40.0) + rng.normal(0.0, 0.35, size=num_rows), 4.0, 6.0)
   salary = np.round(10.0**log_salary, -1)
   saving_rate = rng.beta(1.5, 6.0, size=num_rows)
   savings = np.round(salary * saving_rate * (0.3 * experience + rng.exponential(1.0, size=num_rows)), -1)
   dependents = np.minimum(rng.poisson(1.3, size=num_rows), 8).astype(np.float64)
-  score = (1.8 * (log_salary - 4.9) + 0.9 * (np.log10(savings + 1e3) - 5.0) - 0.45 * (dependents - 1.3)
-           - 1.2 * ((age - 45.0) / 25.0)**2 + 1.7)
+  score = (
+    1.8 * (log_salary - 4.9)
+    + 0.9 * (np.log10(savings + 1e3) - 5.0)
+    - 0.45 * (dependents - 1.3)
+    - 1.2 * ((age - 45.0) / 25.0) ** 2
+    + 1.7
+  )
   label = score + rng.logistic(0.0, 0.25, size=num_rows) > 0.0
   label ^= rng.random(num_rows) < 0.05  # Label noise: no model is perfect.
   x = np.stack([age, experience, salary, savings, dependents], axis=1).astype(np.float32)
   return x, label.astype(np.int32)
 
 
-def _find_idx_file(data_dir: pathlib.Path, stem: str) -> Optional[pathlib.Path]:
+def _find_idx_file(data_dir: pathlib.Path, stem: str) -> pathlib.Path | None:
   for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
     if candidate.is_file():
       return candidate
   return None
 
 
-def _load_idx_set(name: str, data_dir: Optional[PathLike], flatten: bool):
+def _load_idx_set(name: str, data_dir: PathLike | None, flatten: bool):
   """Reads the four IDX files; returns ((train_x, train_y), (test_x, test_y))."""
   expected = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
   if data_dir is None:
     raise ValueError(
-        f"load_dataset({name!r}) reads local files and needs data_dir: a directory holding {expected}. "
-        f"Nothing is downloaded.")
+      f"load_dataset({name!r}) reads local files and needs data_dir: a directory holding {expected}. "
+      f"Nothing is downloaded."
+    )
   data_dir = pathlib.Path(data_dir)
   found = {key: _find_idx_file(data_dir, stem) for key, stem in IDX_FILES.items()}
   missing = [f"{IDX_FILES[key]}[.gz]" for key, path in found.items() if path is None]
   if missing:
     raise FileNotFoundError(
-        f"data_dir {str(data_dir)!r} lacks {', '.join(missing)} needed by load_dataset({name!r}); it must "
-        f"hold {expected}.")
+      f"data_dir {str(data_dir)!r} lacks {', '.join(missing)} needed by load_dataset({name!r}); it must "
+      f"hold {expected}."
+    )
   parts = []
   for part in ("train", "test"):
     images, labels = read_idx(found[f"{part}_images"]), read_idx(found[f"{part}_labels"])
     if images.dtype != np.uint8 or images.ndim != 3:
       raise ValueError(
-          f"{found[f'{part}_images']} must hold uint8 images of shape (N, H, W), got {images.dtype.name} "
-          f"{images.shape}.")
+        f"{found[f'{part}_images']} must hold uint8 images of shape (N, H, W), got {images.dtype.name} {images.shape}."
+      )
     if labels.dtype != np.uint8 or labels.shape != images.shape[:1]:
       raise ValueError(
-          f"{found[f'{part}_labels']} must hold {images.shape[0]} uint8 labels, one per image, got "
-          f"{labels.dtype.name} {labels.shape}.")
+        f"{found[f'{part}_labels']} must hold {images.shape[0]} uint8 labels, one per image, got "
+        f"{labels.dtype.name} {labels.shape}."
+      )
     if labels.size and labels.max() >= 10:
       raise ValueError(f"{found[f'{part}_labels']} must hold labels 0..9, got a {labels.max()}.")
     x = images.astype(np.float32) / np.float32(255.0)
@@ -353,8 +365,9 @@ def _load_idx_set(name: str, data_dir: Optional[PathLike], flatten: bool):
     parts.append((x, labels.astype(np.int32)))
   if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
     raise ValueError(
-        f"data_dir {str(data_dir)!r} holds train and test images of different sizes: "
-        f"{parts[0][0].shape[1:]} and {parts[1][0].shape[1:]}.")
+      f"data_dir {str(data_dir)!r} holds train and test images of different sizes: "
+      f"{parts[0][0].shape[1:]} and {parts[1][0].shape[1:]}."
+    )
   return parts[0], parts[1]
 
 
@@ -389,7 +402,7 @@ def _split_three_ways(x, y, *, seed: int, val_fraction: float, test_fraction: fl
   return _take(x, y, train), _take(x, y, val), _take(x, y, test)
 
 
-def standardize(train_x, *others) -> Tuple[np.ndarray, ...]:
+def standardize(train_x, *others) -> tuple[np.ndarray, ...]:
   """Standardizes features with statistics fitted on `train_x` only.
 
   ``x' = (x - mean) / std`` with ``mean`` and ``std`` (population, ddof=0) taken per feature over axis 0
@@ -407,7 +420,7 @@ def standardize(train_x, *others) -> Tuple[np.ndarray, ...]:
   return _standardize(train_x, others)
 
 
-def _standardize(train_x, others) -> Tuple[np.ndarray, ...]:
+def _standardize(train_x, others) -> tuple[np.ndarray, ...]:
   train_x = np.asarray(train_x)
   if train_x.ndim < 1 or train_x.shape[0] < 1:
     raise ValueError(f"train_x must have shape (N, ...features) with N >= 1, got {train_x.shape}.")
@@ -415,10 +428,11 @@ def _standardize(train_x, others) -> Tuple[np.ndarray, ...]:
   for i, other in enumerate(others):
     if other.ndim != train_x.ndim or other.shape[1:] != train_x.shape[1:]:
       raise ValueError(
-          f"others[{i}] must have train_x's feature shape (M, {', '.join(map(str, train_x.shape[1:]))}), "
-          f"got {other.shape}.")
+        f"others[{i}] must have train_x's feature shape (M, {', '.join(map(str, train_x.shape[1:]))}), "
+        f"got {other.shape}."
+      )
   mean = train_x.mean(axis=0, dtype=np.float64)
-  std = np.sqrt(((train_x - mean)**2).mean(axis=0))
+  std = np.sqrt(((train_x - mean) ** 2).mean(axis=0))
   std = np.where(std > 1e-12 * np.maximum(np.abs(mean), 1.0), std, 1.0)
   return tuple(((a - mean) / std).astype(np.float32) for a in (train_x,) + others)
 
@@ -427,14 +441,16 @@ def _standardize(train_x, others) -> Tuple[np.ndarray, ...]:
 # Loading.
 
 
-def load_dataset(name: str = "digits",
-                 *,
-                 data_dir: Optional[PathLike] = None,
-                 seed: int = 0,
-                 val_fraction: float = 0.15,
-                 test_fraction: float = 0.15,
-                 standardize: bool = False,  # pylint: disable=redefined-outer-name
-                 flatten: bool = True) -> Dataset:
+def load_dataset(
+  name: str = "digits",
+  *,
+  data_dir: PathLike | None = None,
+  seed: int = 0,
+  val_fraction: float = 0.15,
+  test_fraction: float = 0.15,
+  standardize: bool = False,  # pylint: disable=redefined-outer-name
+  flatten: bool = True,
+) -> Dataset:
   """Loads a dataset and splits it into train, validation and test.
 
   The split is stratified by class and a deterministic function of `seed`: ``round(N * test_fraction)``
@@ -462,13 +478,13 @@ def load_dataset(name: str = "digits",
   test_fraction = _check_fraction(test_fraction, "test_fraction")
   if val_fraction + test_fraction >= 1.0:
     raise ValueError(
-        f"val_fraction + test_fraction must be below 1 to leave rows for training, got {val_fraction} + "
-        f"{test_fraction} = {val_fraction + test_fraction}.")
+      f"val_fraction + test_fraction must be below 1 to leave rows for training, got {val_fraction} + "
+      f"{test_fraction} = {val_fraction + test_fraction}."
+    )
 
   if name in _IDX_SETS:
     (train_x, train_y), (test_x, test_y) = _load_idx_set(name, data_dir, flatten)
-    train, val, _ = _split_three_ways(
-        train_x, train_y, seed=seed, val_fraction=val_fraction, test_fraction=0.0)
+    train, val, _ = _split_three_ways(train_x, train_y, seed=seed, val_fraction=val_fraction, test_fraction=0.0)
     test = Split(test_x, test_y)
     num_classes, feature_names = 10, None
   else:
@@ -477,12 +493,11 @@ def load_dataset(name: str = "digits",
       num_classes, feature_names = 2, AGE_SALARY_FEATURES
     else:
       x, y, num_classes, feature_names = _load_sklearn(name, flatten)
-    train, val, test = _split_three_ways(
-        x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    train, val, test = _split_three_ways(x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
   if len(train.y) == 0:
     raise ValueError(
-        f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training rows of "
-        f"{name!r}; lower them.")
+      f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training rows of {name!r}; lower them."
+    )
 
   if standardize:
     train_x, val_x, test_x = _standardize(train.x, (val.x, test.x))
@@ -504,7 +519,7 @@ def _epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([_BATCH_STREAM, seed, epoch]).permutation(num_rows)
 
 
-def batch_at(split: Split, batch_size: int, step: int, *, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def batch_at(split: Split, batch_size: int, step: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """The batch at global step `step`, a pure function of its arguments.
 
   With ``S = N // batch_size`` steps per epoch, step ``t`` is in epoch ``e = t // S`` at position ``i = t %
@@ -527,16 +542,13 @@ def batch_at(split: Split, batch_size: int, step: int, *, seed: int) -> Tuple[np
   step = _check_int(step, "step", minimum=0)
   seed = _check_int(seed, "seed", minimum=0)
   epoch, position = divmod(step, num_rows // batch_size)
-  rows = _epoch_permutation(num_rows, seed, epoch)[position * batch_size:(position + 1) * batch_size]
+  rows = _epoch_permutation(num_rows, seed, epoch)[position * batch_size : (position + 1) * batch_size]
   return split.x[rows], split.y[rows]
 
 
-def iterate_batches(split: Split,
-                    batch_size: int,
-                    *,
-                    seed: int,
-                    start_step: int = 0,
-                    num_steps: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def iterate_batches(
+  split: Split, batch_size: int, *, seed: int, start_step: int = 0, num_steps: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields ``batch_at(split, batch_size, step, seed=seed)`` for step = start_step, start_step + 1, ...
 
   Each epoch's permutation is drawn once, not once per batch; the batches equal `batch_at`'s. Arguments
@@ -556,7 +568,7 @@ def iterate_batches(split: Split,
   return _batches(split, batch_size, seed, start_step, num_steps)
 
 
-def _batches(split: Split, batch_size: int, seed: int, start_step: int, num_steps: Optional[int]):
+def _batches(split: Split, batch_size: int, seed: int, start_step: int, num_steps: int | None):
   num_rows = len(split.y)
   batches_per_epoch = num_rows // batch_size
   step, end = start_step, None if num_steps is None else start_step + num_steps
@@ -565,6 +577,6 @@ def _batches(split: Split, batch_size: int, seed: int, start_step: int, num_step
     step_epoch, position = divmod(step, batches_per_epoch)
     if step_epoch != epoch:
       epoch, permutation = step_epoch, _epoch_permutation(num_rows, seed, step_epoch)
-    rows = permutation[position * batch_size:(position + 1) * batch_size]
+    rows = permutation[position * batch_size : (position + 1) * batch_size]
     yield split.x[rows], split.y[rows]
     step += 1

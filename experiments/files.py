@@ -10,6 +10,7 @@ time, command). A second process is refused, naming the owner. The kernel drops 
 dies, so a lock file left by a killed process of this host is taken over, with a warning; one naming
 another host is refused (its process cannot be checked from here). The lock file is removed on release.
 """
+
 import contextlib
 import datetime
 import json
@@ -85,9 +86,12 @@ _held: dict = {}  # folder -> [lock file descriptor, nesting depth]
 
 
 def _owner_record() -> dict:
-  return {"pid": os.getpid(), "host": socket.gethostname(),
-          "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
-          "command": " ".join(sys.argv)[:300]}
+  return {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+    "command": " ".join(sys.argv)[:300],
+  }
 
 
 def _read_owner(fd: int):
@@ -101,8 +105,7 @@ def _read_owner(fd: int):
 def _describe(owner) -> str:
   if not owner:
     return "owner not recorded yet"
-  return (f"pid {owner.get('pid')} on host {owner.get('host')}, since {owner.get('since')}: "
-          f"{owner.get('command', '')!r}")
+  return f"pid {owner.get('pid')} on host {owner.get('host')}, since {owner.get('since')}: {owner.get('command', '')!r}"
 
 
 def running(pid) -> bool:
@@ -129,8 +132,9 @@ def _acquire(path: pathlib.Path, what: str, error: type, warning: type) -> int:
     try:
       fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise type(e)(f"{what} {path} cannot be written ({e.strerror or e}); expected a folder this process "
-                    f"can create files in") from e
+      raise type(e)(
+        f"{what} {path} cannot be written ({e.strerror or e}); expected a folder this process can create files in"
+      ) from e
     owner = _read_owner(fd)
     try:
       if fcntl is not None:
@@ -139,8 +143,10 @@ def _acquire(path: pathlib.Path, what: str, error: type, warning: type) -> int:
         raise BlockingIOError
     except BlockingIOError:
       os.close(fd)
-      raise error(f"{what} {path} is being written by another process ({_describe(owner)}; lock file {lock}); "
-                  f"expected one writer at a time: wait for it to finish, or stop it") from None
+      raise error(
+        f"{what} {path} is being written by another process ({_describe(owner)}; lock file {lock}); "
+        f"expected one writer at a time: wait for it to finish, or stop it"
+      ) from None
     try:
       same = os.stat(lock).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
@@ -152,12 +158,15 @@ def _acquire(path: pathlib.Path, what: str, error: type, warning: type) -> int:
   if owner and (owner.get("pid"), owner.get("host")) != (me["pid"], me["host"]):
     if owner.get("host") != me["host"]:
       os.close(fd)
-      raise error(f"{what} {path} has a writer lock of another host ({_describe(owner)}; lock file {lock}), "
-                  f"which cannot be checked from {me['host']}; expected no other writer: if that process has "
-                  f"ended, delete {lock}")
+      raise error(
+        f"{what} {path} has a writer lock of another host ({_describe(owner)}; lock file {lock}), "
+        f"which cannot be checked from {me['host']}; expected no other writer: if that process has "
+        f"ended, delete {lock}"
+      )
     state = "no longer running" if not running(owner.get("pid")) else "running but no longer holding it"
-    warnings.warn(f"{what} {path}: taking over the writer lock left by {_describe(owner)} ({state})", warning,
-                  stacklevel=4)
+    warnings.warn(
+      f"{what} {path}: taking over the writer lock left by {_describe(owner)} ({state})", warning, stacklevel=4
+    )
   os.ftruncate(fd, 0)
   os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
   os.fsync(fd)
@@ -171,8 +180,9 @@ def _release(path: pathlib.Path, fd: int) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(directory: PathLike, *, what: str = "folder", error: type = RuntimeError,
-              warning: type = LockWarning) -> Iterator[pathlib.Path]:
+def exclusive(
+  directory: PathLike, *, what: str = "folder", error: type = RuntimeError, warning: type = LockWarning
+) -> Iterator[pathlib.Path]:
   """Holds the writer lock of the existing folder ``directory`` for the block; re-entrant in a process.
 
   Args:

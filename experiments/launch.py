@@ -1087,9 +1087,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     default=_SHUTDOWN_TIMEOUT,
     help=f"seconds an exiting process waits for the others at the shutdown barrier (default {_SHUTDOWN_TIMEOUT})",
   )
-  parser.add_argument(
-    "--verbose", action="store_true", help="also show the collectives' connection messages (Gloo's)"
-  )
+  parser.add_argument("--verbose", action="store_true", help="also show the collectives' connection messages (Gloo's)")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- followed by the command to run")
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ["--"] else args.command

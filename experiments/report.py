@@ -14,6 +14,7 @@ one whose folder holds it, plots plain ``.png`` names), every file read must lie
 the section markers. Nothing is replaced before its replacement is complete: each ``results/<name>/`` is
 built beside the old one and swapped in by renames, files are written atomically.
 """
+
 import json
 import math
 import os
@@ -38,10 +39,21 @@ SECTION_START = "<!-- section:experiments -->"
 SECTION_END = "<!-- /section:experiments -->"
 # One colour per arm across every figure of the study: BN before the activation (bn, pre, hidden_bn) is blue
 # everywhere, no BN grey; inference's statistics have their own.
-ARM_COLORS = {"none": "tab:gray", "bn": "tab:blue", "pre": "tab:blue", "post": "tab:orange",
-              "input_bn": "tab:green", "hidden_bn": "tab:blue", "standardized": "tab:purple",
-              "majority": "black", "running_biased": "tab:gray", "running_unbiased": "tab:brown",
-              "population_alg2": "tab:blue", "precise_bn": "tab:red", "whole_split": "tab:green"}
+ARM_COLORS = {
+  "none": "tab:gray",
+  "bn": "tab:blue",
+  "pre": "tab:blue",
+  "post": "tab:orange",
+  "input_bn": "tab:green",
+  "hidden_bn": "tab:blue",
+  "standardized": "tab:purple",
+  "majority": "black",
+  "running_biased": "tab:gray",
+  "running_unbiased": "tab:brown",
+  "population_alg2": "tab:blue",
+  "precise_bn": "tab:red",
+  "whole_split": "tab:green",
+}
 PNG_DPI = 160
 
 
@@ -58,14 +70,24 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float 
   return fig, axes
 
 
-def band(ax, steps, values, *, label: str, color: str | None = None, logy: bool = False,
-         interval: str = "ci", linestyle: str = "-") -> str:
+def band(
+  ax,
+  steps,
+  values,
+  *,
+  label: str,
+  color: str | None = None,
+  logy: bool = False,
+  interval: str = "ci",
+  linestyle: str = "-",
+) -> str:
   """The mean over models (axis 1 of ``values``, ``(T, M)``) with a 95% CI (``"ci"``) or +-1 s.e. band.
 
   Returns what the band is, e.g. "bands: 95% CI over 10 seeds", for the legend's title. With ``logy`` the
   mean and band are taken over log10 of the values (geometric mean).
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   values = np.asarray(values, np.float64)
   if logy:
     values = np.log10(values)
@@ -93,8 +115,9 @@ def save(fig, run, name: str) -> str:
   return filename
 
 
-def differences(ax, labels: Sequence[str], cis: Sequence[dict], *, title: str, xlabel: str,
-                color: str = "k", scale: float = 100.0) -> None:
+def differences(
+  ax, labels: Sequence[str], cis: Sequence[dict], *, title: str, xlabel: str, color: str = "k", scale: float = 100.0
+) -> None:
   """Paired differences as points with their interval bars (one row each), and the zero line."""
   y = np.arange(len(labels))[::-1]
   means = np.array([scale * c["mean"] for c in cis])
@@ -154,8 +177,12 @@ def code(value) -> str:
 
 
 def table_markdown(table: dict) -> str:
-  lines = [f"**{text(table['title'])}**", "", "| " + " | ".join(cell(c) for c in table["columns"]) + " |",
-           "|" + "|".join("---" for _ in table["columns"]) + "|"]
+  lines = [
+    f"**{text(table['title'])}**",
+    "",
+    "| " + " | ".join(cell(c) for c in table["columns"]) + " |",
+    "|" + "|".join("---" for _ in table["columns"]) + "|",
+  ]
   for row in table["rows"]:
     lines.append("| " + " | ".join(cell(v) for v in row) + " |")
   return "\n".join(lines) + "\n"
@@ -173,21 +200,37 @@ def image(alt: str, path: str) -> str:
 def run_markdown(summary: dict, config_json: dict) -> str:
   """A run's ``report.md``: what ran, the criterion and its verdict, the tables and the plots."""
   env = summary["environment"]
-  parts = [f"# {text(summary['experiment'])}: {text(summary['title'])}", "",
-           f"Run {code(summary['run_dir'])}{' (quick form)' if summary['quick'] else ''}, finished "
-           f"{text(summary['finished_utc'])} in {summary['wall_seconds']:.0f} s on "
-           f"{text(env['backend'])} ({text(provenance.plural(env['devices'], 'device'))}).", "",
-           f"**Criterion** (fixed in the config before the run): {text(summary['criterion'])}", "",
-           *([provenance_line(summary["provenance"]), ""] if summary.get("provenance") else []),
-           f"**Verdict**: {verdict_word(summary)}. {text(summary['verdict']['reason'])}", ""]
+  parts = [
+    f"# {text(summary['experiment'])}: {text(summary['title'])}",
+    "",
+    f"Run {code(summary['run_dir'])}{' (quick form)' if summary['quick'] else ''}, finished "
+    f"{text(summary['finished_utc'])} in {summary['wall_seconds']:.0f} s on "
+    f"{text(env['backend'])} ({text(provenance.plural(env['devices'], 'device'))}).",
+    "",
+    f"**Criterion** (fixed in the config before the run): {text(summary['criterion'])}",
+    "",
+    *([provenance_line(summary["provenance"]), ""] if summary.get("provenance") else []),
+    f"**Verdict**: {verdict_word(summary)}. {text(summary['verdict']['reason'])}",
+    "",
+  ]
   if summary.get("notes"):
     parts += [text(summary["notes"]), ""]
   for table in summary["tables"]:
     parts += [table_markdown(table)]
   for plot in summary["plots"]:
     parts += [image(plot, plot), ""]
-  parts += [f"`state_digest`: {code(summary['state_digest'])}", "", "<details><summary>config</summary>", "",
-            "```json", json.dumps(config_json, indent=2), "```", "", "</details>", ""]
+  parts += [
+    f"`state_digest`: {code(summary['state_digest'])}",
+    "",
+    "<details><summary>config</summary>",
+    "",
+    "```json",
+    json.dumps(config_json, indent=2),
+    "```",
+    "",
+    "</details>",
+    "",
+  ]
   return "\n".join(parts)
 
 
@@ -221,8 +264,10 @@ def provenance_line(prov: dict) -> str:
     registered = "no pre-registration record"
   else:
     match = "matches" if pre.get("criterion_matches") else "differs from"
-    registered = (f"pre-registration version {text(pre['version'])} ({code(str(pre.get('digest'))[:12])}; the "
-                  f"run's criterion {match} it)")
+    registered = (
+      f"pre-registration version {text(pre['version'])} ({code(str(pre.get('digest'))[:12])}; the "
+      f"run's criterion {match} it)"
+    )
   return f"Provenance: {code_state}; overrides: {given}; {registered}."
 
 
@@ -289,8 +334,10 @@ def _read_inside(folder: pathlib.Path, name: str) -> bytes:
   path = folder / name
   resolved = path.resolve()
   if not resolved.is_relative_to(folder):
-    raise ReportError(f"--workdir: {path}: resolves to {resolved}, outside its run folder {folder}; expected a "
-                      f"file inside the run folder")
+    raise ReportError(
+      f"--workdir: {path}: resolves to {resolved}, outside its run folder {folder}; expected a "
+      f"file inside the run folder"
+    )
   try:  # No following a link swapped in since, no blocking on a FIFO.
     fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
   except OSError as e:
@@ -314,11 +361,20 @@ def _check_table(table, where: pathlib.Path, field: str) -> None:
   _check(isinstance(table, dict), where, field, table, "an object with title, columns and rows")
   _check(isinstance(table.get("title"), str), where, f"{field}.title", table.get("title"), "a string")
   columns, rows = table.get("columns"), table.get("rows")
-  _check(isinstance(columns, list) and all(isinstance(c, str) for c in columns), where, f"{field}.columns",
-         columns, "a list of strings")
-  _check(isinstance(rows, list) and all(isinstance(r, list) and all(isinstance(v, _SCALAR) for v in r)
-                                         for r in rows), where, f"{field}.rows", rows,
-         "a list of rows, each a list of numbers, strings, booleans or nulls")
+  _check(
+    isinstance(columns, list) and all(isinstance(c, str) for c in columns),
+    where,
+    f"{field}.columns",
+    columns,
+    "a list of strings",
+  )
+  _check(
+    isinstance(rows, list) and all(isinstance(r, list) and all(isinstance(v, _SCALAR) for v in r) for r in rows),
+    where,
+    f"{field}.rows",
+    rows,
+    "a list of rows, each a list of numbers, strings, booleans or nulls",
+  )
 
 
 def _check_summary(summary, name: str, where: pathlib.Path) -> dict:
@@ -337,24 +393,42 @@ def _check_summary(summary, name: str, where: pathlib.Path) -> dict:
     config_parsing.check_name(summary.get("experiment"))
   except config_parsing.ConfigError as e:
     raise ReportError(f"--workdir: {where}: {e}") from None
-  _check(summary["experiment"] == name, where, "experiment", summary["experiment"],
-         f"{name!r}, the experiment whose folder holds it")
+  _check(
+    summary["experiment"] == name,
+    where,
+    "experiment",
+    summary["experiment"],
+    f"{name!r}, the experiment whose folder holds it",
+  )
   for field in ("title", "criterion", "finished_utc"):
     _check(isinstance(summary.get(field), str), where, field, summary.get(field), "a string")
-  _check(isinstance(summary.get("notes", ""), (str, type(None))), where, "notes", summary.get("notes"),
-         "a string")
+  _check(isinstance(summary.get("notes", ""), (str, type(None))), where, "notes", summary.get("notes"), "a string")
   _check(isinstance(summary.get("quick"), bool), where, "quick", summary.get("quick"), "true or false")
   _check(_is_number(summary.get("wall_seconds")), where, "wall_seconds", summary.get("wall_seconds"), "a number")
   digest = summary.get("state_digest")
-  _check(isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None, where, "state_digest", digest,
-         "a hexadecimal string")
+  _check(
+    isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None,
+    where,
+    "state_digest",
+    digest,
+    "a hexadecimal string",
+  )
   verdict = summary.get("verdict")
-  _check(isinstance(verdict, dict) and isinstance(verdict.get("held"), bool)
-         and isinstance(verdict.get("reason"), str), where, "verdict", verdict,
-         "an object with held (true or false) and reason (a string)")
+  _check(
+    isinstance(verdict, dict) and isinstance(verdict.get("held"), bool) and isinstance(verdict.get("reason"), str),
+    where,
+    "verdict",
+    verdict,
+    "an object with held (true or false) and reason (a string)",
+  )
   env = summary.get("environment")
-  _check(isinstance(env, dict) and all(isinstance(env.get(k), _SCALAR) and k in env for k in _REQUIRED_ENVIRONMENT),
-         where, "environment", env, f"an object with {', '.join(_REQUIRED_ENVIRONMENT)}")
+  _check(
+    isinstance(env, dict) and all(isinstance(env.get(k), _SCALAR) and k in env for k in _REQUIRED_ENVIRONMENT),
+    where,
+    "environment",
+    env,
+    f"an object with {', '.join(_REQUIRED_ENVIRONMENT)}",
+  )
   if "provenance" in summary:
     _check_provenance(summary["provenance"], where)
   tables = summary.get("tables")
@@ -364,8 +438,13 @@ def _check_summary(summary, name: str, where: pathlib.Path) -> dict:
   plots = summary.get("plots")
   _check(isinstance(plots, list), where, "plots", plots, "a list of file names")
   for i, plot in enumerate(plots):
-    _check(isinstance(plot, str) and _PLOT_NAME.fullmatch(plot) is not None, where, f"plots[{i}]", plot,
-           "the name of a .png file in the run folder (letters, digits, '.', '_', '-'; no folder)")
+    _check(
+      isinstance(plot, str) and _PLOT_NAME.fullmatch(plot) is not None,
+      where,
+      f"plots[{i}]",
+      plot,
+      "the name of a .png file in the run folder (letters, digits, '.', '_', '-'; no folder)",
+    )
   _check(len(set(plots)) == len(plots), where, "plots", plots, "no name twice")
   return summary
 
@@ -378,24 +457,62 @@ def _check_provenance(prov, where: pathlib.Path) -> None:
   """The fields of a summary's ``provenance`` the report reads, checked like the rest of the summary."""
   _check(isinstance(prov, dict), where, "provenance", prov, "an object")
   git = prov.get("git")
-  _check(isinstance(git, dict) and isinstance(git.get("available"), bool), where, "provenance.git", git,
-         "an object with available (true or false)")
-  _check(isinstance(git.get("commit"), (str, type(None))), where, "provenance.git.commit", git.get("commit"),
-         "a string or null")
-  _check(isinstance(git.get("dirty"), (bool, type(None))), where, "provenance.git.dirty", git.get("dirty"),
-         "true, false or null")
-  _check(_is_text_list(git.get("dirty_files", [])), where, "provenance.git.dirty_files", git.get("dirty_files"),
-         "a list of file names")
-  _check(_is_text_list(prov.get("overrides")), where, "provenance.overrides", prov.get("overrides"),
-         "a list of KEY=VALUE strings")
+  _check(
+    isinstance(git, dict) and isinstance(git.get("available"), bool),
+    where,
+    "provenance.git",
+    git,
+    "an object with available (true or false)",
+  )
+  _check(
+    isinstance(git.get("commit"), (str, type(None))),
+    where,
+    "provenance.git.commit",
+    git.get("commit"),
+    "a string or null",
+  )
+  _check(
+    isinstance(git.get("dirty"), (bool, type(None))),
+    where,
+    "provenance.git.dirty",
+    git.get("dirty"),
+    "true, false or null",
+  )
+  _check(
+    _is_text_list(git.get("dirty_files", [])),
+    where,
+    "provenance.git.dirty_files",
+    git.get("dirty_files"),
+    "a list of file names",
+  )
+  _check(
+    _is_text_list(prov.get("overrides")),
+    where,
+    "provenance.overrides",
+    prov.get("overrides"),
+    "a list of KEY=VALUE strings",
+  )
   machine = prov.get("machine")
-  _check(isinstance(machine, dict) and all(isinstance(v, _SCALAR) or (isinstance(v, list) and all(
-      _is_number(x) for x in v)) for v in machine.values()), where, "provenance.machine", machine,
-         "an object of strings and numbers")
+  _check(
+    isinstance(machine, dict)
+    and all(
+      isinstance(v, _SCALAR) or (isinstance(v, list) and all(_is_number(x) for x in v)) for v in machine.values()
+    ),
+    where,
+    "provenance.machine",
+    machine,
+    "an object of strings and numbers",
+  )
   pre = prov.get("preregistration")
-  _check(isinstance(pre, dict) and isinstance(pre.get("version"), (int, type(None)))
-         and isinstance(pre.get("digest"), (str, type(None))), where, "provenance.preregistration", pre,
-         "an object with version (a number or null) and digest (a string or null)")
+  _check(
+    isinstance(pre, dict)
+    and isinstance(pre.get("version"), (int, type(None)))
+    and isinstance(pre.get("digest"), (str, type(None))),
+    where,
+    "provenance.preregistration",
+    pre,
+    "an object with version (a number or null) and digest (a string or null)",
+  )
 
 
 def _refusal(run: _Run, allow_dirty: bool, allow_overrides: bool) -> str | None:
@@ -406,16 +523,22 @@ def _refusal(run: _Run, allow_dirty: bool, allow_overrides: bool) -> str | None:
   git = prov["git"]
   where = run.folder
   if not allow_dirty and not git["available"]:
-    return (f"--workdir: {where}: its code version is unknown ({git.get('reason')}); expected a run from a git "
-            f"checkout at a clean commit (rerun it there, or pass --allow-dirty)")
+    return (
+      f"--workdir: {where}: its code version is unknown ({git.get('reason')}); expected a run from a git "
+      f"checkout at a clean commit (rerun it there, or pass --allow-dirty)"
+    )
   if not allow_dirty and git.get("dirty"):
     dirty = git.get("dirty_files") or []
-    return (f"--workdir: {where}: ran from a dirty tree ({len(dirty)} changed file(s): {', '.join(dirty[:5])}"
-            f"{' ...' if len(dirty) > 5 else ''}); expected a run from a clean commit (commit, rerun, or pass "
-            f"--allow-dirty)")
+    return (
+      f"--workdir: {where}: ran from a dirty tree ({len(dirty)} changed file(s): {', '.join(dirty[:5])}"
+      f"{' ...' if len(dirty) > 5 else ''}); expected a run from a clean commit (commit, rerun, or pass "
+      f"--allow-dirty)"
+    )
   if not allow_overrides and prov["overrides"]:
-    return (f"--workdir: {where}: ran with overrides {prov['overrides']}; expected the config as committed "
-            f"(rerun without them, or pass --allow-overrides)")
+    return (
+      f"--workdir: {where}: ran with overrides {prov['overrides']}; expected the config as committed "
+      f"(rerun without them, or pass --allow-overrides)"
+    )
   return None
 
 
@@ -426,8 +549,13 @@ def _sibling(directory: pathlib.Path, folder: pathlib.Path) -> dict:
     prov = summary.get("provenance") or {}
     if not isinstance(summary["verdict"]["held"], bool):
       raise TypeError("verdict.held")
-    return {"folder": directory, "held": summary["verdict"]["held"], "quick": summary.get("quick") is True,
-            "commit": (prov.get("git") or {}).get("commit"), "overrides": prov.get("overrides")}
+    return {
+      "folder": directory,
+      "held": summary["verdict"]["held"],
+      "quick": summary.get("quick") is True,
+      "commit": (prov.get("git") or {}).get("commit"),
+      "overrides": prov.get("overrides"),
+    }
   except (ReportError, ValueError, KeyError, TypeError, AttributeError):
     return {"folder": directory, "held": None, "quick": None, "commit": None, "overrides": None}
 
@@ -435,10 +563,13 @@ def _sibling(directory: pathlib.Path, folder: pathlib.Path) -> dict:
 def _siblings(workdir: pathlib.Path, name: str) -> list:
   """Every finished run of ``name``, if their verdicts differ; else an empty list."""
   from experiments import runner  # pylint: disable=g-import-not-at-top
+
   finished = [d for d in runner.run_dirs(pathlib.Path(workdir), name) if (d / "summary.json").exists()]
   inside = pathlib.Path(workdir).resolve()
-  listed = [_sibling(d, d.resolve()) if d.resolve().is_relative_to(inside) else _sibling(d, inside / ".outside")
-            for d in finished]
+  listed = [
+    _sibling(d, d.resolve()) if d.resolve().is_relative_to(inside) else _sibling(d, inside / ".outside")
+    for d in finished
+  ]
   verdicts = {s["held"] for s in listed if s["held"] is not None}
   return listed if len(verdicts) > 1 else []
 
@@ -447,8 +578,9 @@ def _read_run(workdir: pathlib.Path, name: str, directory: pathlib.Path) -> _Run
   """The checked run in ``directory``: inside ``workdir`` (resolved), a valid summary, its plots read."""
   folder = directory.resolve()
   if not folder.is_relative_to(workdir):
-    raise ReportError(f"--workdir: {directory}: resolves to {folder}, outside the workdir {workdir}; expected a "
-                      f"run folder inside it")
+    raise ReportError(
+      f"--workdir: {directory}: resolves to {folder}, outside the workdir {workdir}; expected a run folder inside it"
+    )
   where = directory / "summary.json"
   raw = _read_inside(folder, "summary.json")
   try:
@@ -467,6 +599,7 @@ def _read_run(workdir: pathlib.Path, name: str, directory: pathlib.Path) -> _Run
 def _latest_runs(workdir, *, allow_dirty: bool = False, allow_overrides: bool = False) -> list:
   """The latest finished run of each experiment in ``workdir``, checked (see `_read_run`) and allowed."""
   from experiments import runner  # pylint: disable=g-import-not-at-top
+
   resolved = pathlib.Path(workdir).resolve()
   runs = []
   for name in config_parsing.EXPERIMENTS:
@@ -485,8 +618,10 @@ def _machine_of(summary: dict) -> str:
   prov = summary.get("provenance")
   if prov is None:
     env = summary["environment"]
-    return (f"{text(env['cpus'])} CPUs, {text(env['backend'])}, "
-            f"{text(provenance.plural(env['devices'], 'device'))} (load not recorded)")
+    return (
+      f"{text(env['cpus'])} CPUs, {text(env['backend'])}, "
+      f"{text(provenance.plural(env['devices'], 'device'))} (load not recorded)"
+    )
   return text(provenance.machine_line(prov["machine"]))
 
 
@@ -494,15 +629,21 @@ def _published_lines(run: _Run) -> list:
   """Which run a section shows, its provenance and machine, and every run when their verdicts differ."""
   s = run.summary
   lines = [f"Published run {code(run.folder.as_posix())}, {text(s['wall_seconds'])} s on {_machine_of(s)}.", ""]
-  lines += [provenance_line(s["provenance"]) if s.get("provenance") else "Provenance: not recorded (a run "
-            "made before runs recorded their commit, overrides and pre-registration).", ""]
+  lines += [
+    provenance_line(s["provenance"])
+    if s.get("provenance")
+    else "Provenance: not recorded (a run made before runs recorded their commit, overrides and pre-registration).",
+    "",
+  ]
   if run.siblings:
     lines += [f"**Runs disagree**: {len(run.siblings)} finished runs of {run.name} have different verdicts:", ""]
     for sib in run.siblings:
       held = {True: "held", False: "not held", None: "unreadable"}[sib["held"]]
       overrides = ", ".join(code(o) for o in sib["overrides"] or []) or "none"
-      lines.append(f"- {code(sib['folder'].as_posix())}: {held}{' (quick)' if sib['quick'] else ''}, commit "
-                   f"{code(str(sib['commit'])[:12])}, overrides {overrides}")
+      lines.append(
+        f"- {code(sib['folder'].as_posix())}: {held}{' (quick)' if sib['quick'] else ''}, commit "
+        f"{code(str(sib['commit'])[:12])}, overrides {overrides}"
+      )
     lines.append("")
   return lines
 
@@ -516,19 +657,29 @@ def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) 
     s = run.summary
     quick = " (quick)" if s["quick"] else ""
     disagree = " (runs disagree)" if run.siblings else ""
-    parts.append(f"| [{run.name}](#{run.name.replace('_', '-')}){quick} | {cell(s['criterion'])} | "
-                 f"{verdict_word(s)}{disagree} | {s['wall_seconds']:.0f} |")
+    parts.append(
+      f"| [{run.name}](#{run.name.replace('_', '-')}){quick} | {cell(s['criterion'])} | "
+      f"{verdict_word(s)}{disagree} | {s['wall_seconds']:.0f} |"
+    )
   machines = sorted({_machine_of(run.summary) for run in runs})
   if machines:
-    parts.append(f"\nSeconds are each run's wall time, measured on: {'; or '.join(machines)} (the machine of "
-                 f"each run is in its section).")
+    parts.append(
+      f"\nSeconds are each run's wall time, measured on: {'; or '.join(machines)} (the machine of "
+      f"each run is in its section)."
+    )
   parts.append("")
   for run in runs:
     s = run.summary
     quick = " (quick form)" if s["quick"] else ""
     title = text(s["title"])
-    parts += [f"{heading} {run.name}", "", f"{title[:1].upper()}{title[1:]}{quick}.", "",
-              f"Criterion: {text(s['criterion'])} Verdict: {verdict_word(s)}. {text(s['verdict']['reason'])}", ""]
+    parts += [
+      f"{heading} {run.name}",
+      "",
+      f"{title[:1].upper()}{title[1:]}{quick}.",
+      "",
+      f"Criterion: {text(s['criterion'])} Verdict: {verdict_word(s)}. {text(s['verdict']['reason'])}",
+      "",
+    ]
     if s.get("notes"):
       parts += [text(s["notes"]), ""]
     for table in s["tables"]:
@@ -537,9 +688,11 @@ def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) 
       parts += [image(f"{run.name} {plot}", f"{image_prefix}{run.name}/{plot}"), ""]
     parts += _published_lines(run)
     env = s["environment"]
-    parts += [f"<sub>{text(env['backend'])}, {text(provenance.plural(env['devices'], 'device'))}, "
-              f"{text(env['cpus'])} CPUs, jax {text(env['jax'])}; state_digest {code(s['state_digest'][:16])}</sub>",
-              ""]
+    parts += [
+      f"<sub>{text(env['backend'])}, {text(provenance.plural(env['devices'], 'device'))}, "
+      f"{text(env['cpus'])} CPUs, jax {text(env['jax'])}; state_digest {code(s['state_digest'][:16])}</sub>",
+      "",
+    ]
   return "\n".join(parts)
 
 
@@ -550,8 +703,10 @@ def _readme_with_section(readme_path: pathlib.Path, body: str) -> str:
   except (OSError, UnicodeDecodeError) as e:
     raise ReportError(f"--readme: {readme_path} cannot be read ({e}); expected the README to update") from None
   if SECTION_START not in old or SECTION_END not in old.split(SECTION_START, 1)[1]:
-    raise ReportError(f"--readme: {readme_path} has no {SECTION_START} ... {SECTION_END} markers; expected "
-                      f"the section the results go in")
+    raise ReportError(
+      f"--readme: {readme_path} has no {SECTION_START} ... {SECTION_END} markers; expected "
+      f"the section the results go in"
+    )
   head, rest = old.split(SECTION_START, 1)
   _, tail = rest.split(SECTION_END, 1)
   return f"{head}{SECTION_START}\n{body}\n{SECTION_END}{tail}"
@@ -607,8 +762,14 @@ def _ready_results(results: pathlib.Path) -> None:
     raise ReportError(f"--results_dir: {results} is not a folder; expected a folder for the results")
 
 
-def build(*, workdir: str = "runs", results_dir: str = "experiments/results", readme: str | None = "README.md",
-          allow_dirty: bool = False, allow_overrides: bool = False) -> Sequence[pathlib.Path]:
+def build(
+  *,
+  workdir: str = "runs",
+  results_dir: str = "experiments/results",
+  readme: str | None = "README.md",
+  allow_dirty: bool = False,
+  allow_overrides: bool = False,
+) -> Sequence[pathlib.Path]:
   """Copies the latest runs' plots and summaries to ``results_dir`` and rewrites the README section.
 
   Every run is read and checked, and every new file written, before anything that exists is replaced.

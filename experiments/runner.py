@@ -18,6 +18,7 @@ the latest run, or starts a new one from step 0, saying so, when there is none t
 has one writer: the runner holds its ``writer.lock`` (`experiments.files.exclusive`) while it runs, so a
 second ``--resume`` of a run still going is refused, naming the process that has it.
 """
+
 import dataclasses
 import datetime
 import importlib
@@ -45,6 +46,7 @@ DEFAULT_WORKDIR = "runs"
 @dataclasses.dataclass
 class Verdict:
   """Whether the experiment's pre-registered criterion held, and why (the numbers it compared)."""
+
   held: bool
   reason: str
 
@@ -52,6 +54,7 @@ class Verdict:
 @dataclasses.dataclass
 class Table:
   """A markdown table: a title, the column names and the rows (numbers are formatted by the report)."""
+
   title: str
   columns: Sequence[str]
   rows: Sequence[Sequence[Any]]
@@ -60,6 +63,7 @@ class Table:
 @dataclasses.dataclass
 class Result:
   """What an experiment's ``run`` returns; the runner adds the verdict from ``metrics``."""
+
   metrics: dict
   tables: list
   plots: list
@@ -79,8 +83,15 @@ class Run:
   for the summary's ``diverged`` and the verdict.
   """
 
-  def __init__(self, directory: pathlib.Path, config: ml_collections.ConfigDict, *, resume: bool,
-               quiet: bool = False, name: str = ""):
+  def __init__(
+    self,
+    directory: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    *,
+    resume: bool,
+    quiet: bool = False,
+    name: str = "",
+  ):
     self.dir = directory
     self.config = config
     self.resume = resume
@@ -131,12 +142,13 @@ class Run:
           raise ValueError(f"a {type(row).__name__}, not an object")
       except ValueError as e:
         if i != last:
-          raise RunError(f"{self.metrics_path}: line {i + 1} is not a JSON object ({e}); expected one a line "
-                         f"(only a cut-short last line is dropped)") from e
+          raise RunError(
+            f"{self.metrics_path}: line {i + 1} is not a JSON object ({e}); expected one a line "
+            f"(only a cut-short last line is dropped)"
+          ) from e
         if line not in self._dropped:
           self._dropped.add(line)
-          self.note(f"warning: {self.metrics_path} line {i + 1} was cut short ({len(line)} bytes, not JSON); "
-                    f"dropped")
+          self.note(f"warning: {self.metrics_path} line {i + 1} was cut short ({len(line)} bytes, not JSON); dropped")
         continue
       rows.append(row)
     return rows
@@ -148,8 +160,10 @@ class Run:
 
   def progress(self, total: int, desc: str):
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    return tqdm(total=total, desc=desc, unit="step", disable=self.quiet, leave=False,
-                dynamic_ncols=True, file=sys.stderr)
+
+    return tqdm(
+      total=total, desc=desc, unit="step", disable=self.quiet, leave=False, dynamic_ncols=True, file=sys.stderr
+    )
 
   def path(self, name: str) -> pathlib.Path:
     return self.dir / name
@@ -182,8 +196,9 @@ def ready_workdir(workdir: pathlib.Path, name: str) -> pathlib.Path:
   try:
     base.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise RunError(f"--workdir: got {str(workdir)!r}, where {base} cannot be created ({e.strerror or e}); "
-                   f"expected a writable folder") from e
+    raise RunError(
+      f"--workdir: got {str(workdir)!r}, where {base} cannot be created ({e.strerror or e}); expected a writable folder"
+    ) from e
   return base
 
 
@@ -194,8 +209,9 @@ def check_writable(directory: pathlib.Path, what: str) -> None:
     probe.touch(exist_ok=True)
     probe.unlink()
   except OSError as e:
-    raise RunError(f"{what}: {directory} is not writable ({e.strerror or e}); expected a folder this process "
-                   f"can write") from e
+    raise RunError(
+      f"{what}: {directory} is not writable ({e.strerror or e}); expected a folder this process can write"
+    ) from e
 
 
 def new_run_dir(workdir: pathlib.Path, name: str, config_json: dict | None = None) -> pathlib.Path:
@@ -208,8 +224,9 @@ def new_run_dir(workdir: pathlib.Path, name: str, config_json: dict | None = Non
       files.write_atomic(partial / "config.json", json.dumps(config_json, indent=2) + "\n")
   except OSError as e:
     shutil.rmtree(partial, ignore_errors=True)
-    raise RunError(f"--workdir: got {str(workdir)!r}, where {base} is not writable ({e.strerror or e}); "
-                   f"expected a writable folder") from e
+    raise RunError(
+      f"--workdir: got {str(workdir)!r}, where {base} is not writable ({e.strerror or e}); expected a writable folder"
+    ) from e
   stamp = utc_stamp()
   for n in itertools.count():
     directory = base / (stamp if n == 0 else f"{stamp}-{n}")
@@ -230,8 +247,9 @@ def run_dirs(workdir: pathlib.Path, name: str) -> list:
   base = pathlib.Path(workdir) / name
   if not base.is_dir():
     return []
-  return sorted((d for d in base.iterdir() if not d.name.startswith(".") and (d / "config.json").exists()),
-                key=lambda d: d.name)
+  return sorted(
+    (d for d in base.iterdir() if not d.name.startswith(".") and (d / "config.json").exists()), key=lambda d: d.name
+  )
 
 
 def latest_finished_run(workdir: pathlib.Path, name: str) -> pathlib.Path | None:
@@ -246,15 +264,25 @@ def ensure_devices(num_devices: int) -> None:
     if "xla_force_host_platform_device_count" not in flags and num_devices > 1:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.device_count() < num_devices:
     visible = provenance.plural(jax.device_count(), "device") + (" is" if jax.device_count() == 1 else " are")
-    raise ValueError(f"config.num_devices: got {num_devices}, but only {visible} "
-                     f"visible; expected at most {jax.device_count()} (on CPU set XLA_FLAGS="
-                     f"--xla_force_host_platform_device_count=N before jax is imported)")
+    raise ValueError(
+      f"config.num_devices: got {num_devices}, but only {visible} "
+      f"visible; expected at most {jax.device_count()} (on CPU set XLA_FLAGS="
+      f"--xla_force_host_platform_device_count=N before jax is imported)"
+    )
 
 
-def run_experiment(name: str, *, quick: bool = False, workdir: str = DEFAULT_WORKDIR,
-                   resume: bool = False, overrides: Sequence[str] = (), quiet: bool = False) -> dict:
+def run_experiment(
+  name: str,
+  *,
+  quick: bool = False,
+  workdir: str = DEFAULT_WORKDIR,
+  resume: bool = False,
+  overrides: Sequence[str] = (),
+  quiet: bool = False,
+) -> dict:
   """Runs experiment ``name`` and returns its summary (also written to ``summary.json``).
 
   With ``resume``, continues the latest run of ``name`` under ``workdir``, or starts a new one (saying so)
@@ -305,8 +333,10 @@ def _note_resumed_code(run: Run, origin: dict) -> None:
     started = {}
   now = origin["git"]
   if started.get("commit") != now.get("commit") or now.get("dirty"):
-    run.note(f"resumed at commit {now.get('commit')} (dirty: {now.get('dirty')}); the run started at "
-             f"{started.get('commit')} (dirty: {started.get('dirty')})")
+    run.note(
+      f"resumed at commit {now.get('commit')} (dirty: {now.get('dirty')}); the run started at "
+      f"{started.get('commit')} (dirty: {started.get('dirty')})"
+    )
 
 
 def _execute(module, run: Run, *, quick: bool, config_json: dict, origin: dict) -> dict:
@@ -316,29 +346,40 @@ def _execute(module, run: Run, *, quick: bool, config_json: dict, origin: dict) 
   result = module.run(config, run)
   verdict = _verdict(module, result, config.criterion, run)
   import jax  # pylint: disable=g-import-not-at-top
+
   summary = {
-      "experiment": run.name,
-      "title": module.TITLE,
-      "quick": quick,
-      "run_dir": str(run.dir),
-      "finished_utc": utc_stamp(),
-      "wall_seconds": round(time.time() - start, 2),
-      "criterion": module.describe_criterion(config.criterion),
-      "verdict": {"held": bool(verdict.held), "reason": verdict.reason},
-      "metrics": to_jsonable(result.metrics),
-      "tables": [to_jsonable(dataclasses.asdict(t)) for t in result.tables],
-      "plots": list(result.plots),
-      "notes": result.notes,
-      "state_digest": result.state_digest,
-      "diverged": to_jsonable(run.divergence),
-      "events": list(run.events),
-      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                      "devices": jax.device_count(), "python": platform.python_version(),
-                      "machine": platform.machine(), "cpus": os.cpu_count()},
+    "experiment": run.name,
+    "title": module.TITLE,
+    "quick": quick,
+    "run_dir": str(run.dir),
+    "finished_utc": utc_stamp(),
+    "wall_seconds": round(time.time() - start, 2),
+    "criterion": module.describe_criterion(config.criterion),
+    "verdict": {"held": bool(verdict.held), "reason": verdict.reason},
+    "metrics": to_jsonable(result.metrics),
+    "tables": [to_jsonable(dataclasses.asdict(t)) for t in result.tables],
+    "plots": list(result.plots),
+    "notes": result.notes,
+    "state_digest": result.state_digest,
+    "diverged": to_jsonable(run.divergence),
+    "events": list(run.events),
+    "environment": {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "cpus": os.cpu_count(),
+    },
   }
-  summary["provenance"] = {**origin, "finished_utc": summary["finished_utc"], "wall_seconds": summary["wall_seconds"],
-                           "load_average_at_end": provenance.machine().get("load_average")}
+  summary["provenance"] = {
+    **origin,
+    "finished_utc": summary["finished_utc"],
+    "wall_seconds": summary["wall_seconds"],
+    "load_average_at_end": provenance.machine().get("load_average"),
+  }
   from experiments import report  # pylint: disable=g-import-not-at-top
+
   files.write_atomic(run.dir / "report.md", report.run_markdown(summary, config_json))
   files.write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
   return summary
@@ -349,8 +390,11 @@ def _verdict(module, result: Result, criterion, run: Run) -> Verdict:
   if not run.divergence:
     return module.evaluate(result.metrics, criterion)
   steps = [s for arm in run.divergence.values() for s in arm["diverged_at"] if s is not None]
-  where = "; ".join(f"{arm}: {sum(s is not None for s in a['diverged_at'])} of {a['models']} model(s)"
-                    + (f", {a['detail']}" if a.get("detail") else "") for arm, a in run.divergence.items())
+  where = "; ".join(
+    f"{arm}: {sum(s is not None for s in a['diverged_at'])} of {a['models']} model(s)"
+    + (f", {a['detail']}" if a.get("detail") else "")
+    for arm, a in run.divergence.items()
+  )
   lead = f"diverged at step {min(steps)} (the training loss became non-finite; {where})"
   if len(steps) >= sum(run.models.values()):
     return Verdict(False, f"{lead}; no model finished, so the criterion is not met.")
@@ -370,12 +414,16 @@ def _resumable_dir(workdir: pathlib.Path, name: str, config_json: dict) -> pathl
   try:
     saved = json.loads((directory / "config.json").read_text())
   except (OSError, ValueError) as e:
-    raise RunError(f"--resume: {directory / 'config.json'} is unreadable ({e}); expected the config the run "
-                   f"started with (move that folder away to resume an older run, or drop --resume)") from e
+    raise RunError(
+      f"--resume: {directory / 'config.json'} is unreadable ({e}); expected the config the run "
+      f"started with (move that folder away to resume an older run, or drop --resume)"
+    ) from e
   saved = {k: v for k, v in saved.items() if k != "provenance"} if isinstance(saved, dict) else saved
   if saved != config_json:
     saved = saved if isinstance(saved, dict) else {}
     changed = sorted(k for k in set(saved) | set(config_json) if saved.get(k) != config_json.get(k))
-    raise ValueError(f"--resume: the config differs from the one of {directory} in {changed}; "
-                     f"expected the same config (same --quick and --config overrides)")
+    raise ValueError(
+      f"--resume: the config differs from the one of {directory} in {changed}; "
+      f"expected the same config (same --quick and --config overrides)"
+    )
   return directory

@@ -16,6 +16,7 @@ each process places only its own rows of each batch, and every process writes th
 multi-process save). Process 0 owns the run folder; the others run in a scratch folder and take from it the
 facts that must agree: the checkpoint folder, whether to resume, and the metrics rows so far.
 """
+
 import contextlib
 import json
 
@@ -42,8 +43,10 @@ def describe_criterion(criterion) -> str:
 def evaluate(metrics: dict, criterion) -> Verdict:
   accuracy = metrics["test_accuracy"]
   held = accuracy >= criterion.min_test_accuracy
-  return Verdict(held=bool(held), reason=f"final test accuracy {accuracy:.2%} "
-                 f"({'>=' if held else '<'} {criterion.min_test_accuracy:.0%}).")
+  return Verdict(
+    held=bool(held),
+    reason=f"final test accuracy {accuracy:.2%} ({'>=' if held else '<'} {criterion.min_test_accuracy:.0%}).",
+  )
 
 
 def _placement(config):
@@ -52,18 +55,22 @@ def _placement(config):
     return _global_mesh(config)
   if config.num_devices == 1:
     return None
-  devices = jax.devices()[:config.num_devices]
+  devices = jax.devices()[: config.num_devices]
   return devices if config.parallel == "pmap" else training.batch_mesh(devices, AXIS_NAME)
 
 
 def _global_mesh(config):
   """The mesh over every process's devices, for a run on many processes."""
   if config.num_devices != jax.device_count():
-    raise ValueError(f"config.num_devices: got {config.num_devices} on {jax.process_count()} processes with "
-                     f"{jax.device_count()} devices in all; expected {jax.device_count()} (every device)")
+    raise ValueError(
+      f"config.num_devices: got {config.num_devices} on {jax.process_count()} processes with "
+      f"{jax.device_count()} devices in all; expected {jax.device_count()} (every device)"
+    )
   if config.parallel not in ("jit", "shard_map"):
-    raise ValueError(f"config.parallel: got {config.parallel!r} on {jax.process_count()} processes; expected "
-                     f"'jit' or 'shard_map' (pmap maps one process's devices)")
+    raise ValueError(
+      f"config.parallel: got {config.parallel!r} on {jax.process_count()} processes; expected "
+      f"'jit' or 'shard_map' (pmap maps one process's devices)"
+    )
   return training.batch_mesh(jax.devices(), AXIS_NAME)
 
 
@@ -72,17 +79,17 @@ def _from_primary(value):
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   data = np.frombuffer(json.dumps(value).encode(), np.uint8)
   size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
   padded = np.zeros(size, np.uint8)
-  padded[:min(size, data.size)] = data[:size]
+  padded[: min(size, data.size)] = data[:size]
   return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
 
 
 def _share_run(run):
   """The checkpoint folder and resume decision of process 0; its metrics rows copied into this run."""
-  facts = _from_primary({"checkpoints": str(run.path("checkpoints")), "resume": run.resume,
-                         "rows": run.read_metrics()})
+  facts = _from_primary({"checkpoints": str(run.path("checkpoints")), "resume": run.resume, "rows": run.read_metrics()})
   if jax.process_index() != 0:
     run.resume = facts["resume"]
     run.rewrite_metrics(lambda r: False)
@@ -110,23 +117,23 @@ def run(config, run) -> Result:
     step_fn = training.make_train_step(model_train, tx)
   else:
     mesh = training.batch_mesh(placement, AXIS_NAME) if config.parallel == "pmap" else placement
-    step_fn = training.make_train_step(model_train, tx, parallel=config.parallel, mesh=mesh,
-                                       axis_name=AXIS_NAME)
+    step_fn = training.make_train_step(model_train, tx, parallel=config.parallel, mesh=mesh, axis_name=AXIS_NAME)
   place = (lambda tree: tree) if placement is None else (lambda tree: training.replicate(tree, placement))
   unplace = training.unreplicate if config.parallel == "pmap" and placement is not None else _local_copy
   if jax.process_count() > 1:  # this process's rows of each global batch only
     own = training.process_batch_rows(config.batch_size, placement, axis_name=AXIS_NAME)
-    shard = lambda b: training.shard_batch(jax.tree.map(lambda a: np.asarray(a)[own], b), placement,
-                                           process_local=True)
+    shard = lambda b: training.shard_batch(jax.tree.map(lambda a: np.asarray(a)[own], b), placement, process_local=True)
   else:
     shard = (lambda batch: batch) if placement is None else (lambda b: training.shard_batch(b, placement))
   eval_fn = jax.jit(common.make_eval_fn(model))
   train = dataset.train
-  state = training.create_train_state(model, tx, jnp.asarray(train.x[:config.batch_size]),
-                                      rng=jax.random.key(config.seed))
+  state = training.create_train_state(
+    model, tx, jnp.asarray(train.x[: config.batch_size]), rng=jax.random.key(config.seed)
+  )
 
   ckpt_dir = _share_run(run)
   from experiments import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
   schedule = common.record_steps(config.num_steps, config.eval_every)
 
   def record(step, train_metrics):
@@ -147,8 +154,7 @@ def run(config, run) -> Result:
   with checkpoint_lib.writer(ckpt_dir) if config.checkpoint_every else contextlib.nullcontext():
     start = 0
     if run.resume and config.checkpoint_every:
-      state, start, _ = common.resume_state(run, ckpt_dir, state, label="", rows=run.read_metrics(),
-                                            schedule=schedule)
+      state, start, _ = common.resume_state(run, ckpt_dir, state, label="", rows=run.read_metrics(), schedule=schedule)
     elif run.resume:
       run.note("no checkpoints (checkpoint_every=0); starting from step 0")
     run.rewrite_metrics((lambda r: r["step"] <= start) if start else (lambda r: False))
@@ -157,16 +163,16 @@ def run(config, run) -> Result:
     if start == 0:
       record(0, [])
     pending = []
-    batches = data_lib.iterate_batches(train, config.batch_size, seed=config.seed, start_step=start,
-                                      num_steps=config.num_steps - start)
+    batches = data_lib.iterate_batches(
+      train, config.batch_size, seed=config.seed, start_step=start, num_steps=config.num_steps - start
+    )
     with run.progress(config.num_steps, desc="train") as bar:
       bar.update(start)
       for step, (x, y) in enumerate(batches, start=start + 1):
         state, metrics = step_fn(state, shard((x, y)))
         pending.append(metrics)
         at_eval = step % config.eval_every == 0 or step == config.num_steps
-        at_checkpoint = config.checkpoint_every and (step % config.checkpoint_every == 0 or
-                                                     step == config.num_steps)
+        at_checkpoint = config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.num_steps)
         if at_eval or at_checkpoint:
           got = jax.device_get(pending)
           bad = [i for i, m in enumerate(got) if not np.all(np.isfinite(m["loss"]))]
@@ -192,12 +198,21 @@ def run(config, run) -> Result:
   metrics = {k: final[k] for k in final if k != "step"}
   if diverged_at is not None:
     metrics["diverged_at"] = diverged_at
-  table = Table(f"{config.dataset}, MLP {tuple(config.hidden)} {config.activation}, norm={config.norm}, "
-                f"{config.optimizer} lr {config.learning_rate:g}, batch {config.batch_size}, "
-                f"{config.num_devices} device(s)",
-                ["step", "train loss", "val acc %", "test acc %"],
-                [[rows[i]["step"], rows[i].get("train_loss"), 100 * rows[i].get("val_accuracy", np.nan),
-                  100 * rows[i].get("test_accuracy", np.nan)] for i in _spread(len(rows), 9)])
+  table = Table(
+    f"{config.dataset}, MLP {tuple(config.hidden)} {config.activation}, norm={config.norm}, "
+    f"{config.optimizer} lr {config.learning_rate:g}, batch {config.batch_size}, "
+    f"{config.num_devices} device(s)",
+    ["step", "train loss", "val acc %", "test acc %"],
+    [
+      [
+        rows[i]["step"],
+        rows[i].get("train_loss"),
+        100 * rows[i].get("val_accuracy", np.nan),
+        100 * rows[i].get("test_accuracy", np.nan),
+      ]
+      for i in _spread(len(rows), 9)
+    ],
+  )
   plots = [_plot(run, rows)]
   return Result(metrics=metrics, tables=[table], plots=plots, state_digest=common.state_digest(unplace(state)))
 

@@ -1,4 +1,5 @@
 """Tests of experiments.launch: the training guide's multi-process example, and a launcher that never hangs."""
+
 import io
 import os
 import pathlib
@@ -43,7 +44,11 @@ def child_env() -> dict:
 
 def run_bash(script: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
   return subprocess.run(
-    ["bash", "-c", "set -e\n" + script], cwd=cwd, env=child_env(), capture_output=True, text=True,
+    ["bash", "-c", "set -e\n" + script],
+    cwd=cwd,
+    env=child_env(),
+    capture_output=True,
+    text=True,
     timeout=HANG_GUARD_S,
   )
 
@@ -96,7 +101,11 @@ def test_output_is_prefixed_and_the_environment_is_set():
   )
   port = launch.free_port()  # a port given is checked to be free first
   status, out = launch_in_process(
-    [sys.executable, "-c", code], processes=2, devices_per_process=3, port=port, heartbeat_timeout=7,
+    [sys.executable, "-c", code],
+    processes=2,
+    devices_per_process=3,
+    port=port,
+    heartbeat_timeout=7,
     shutdown_timeout=9,
   )
   assert status == 0, out
@@ -130,9 +139,22 @@ def test_a_peer_that_never_comes_fails_with_a_clear_message(tmp_path, absent):
     "print('leaving without joining')\n"
   )
   result = subprocess.run(
-    [sys.executable, "-m", "experiments.launch", "--processes", "2", "--timeout", "3", "--",
-     sys.executable, str(script)],
-    env=child_env(), capture_output=True, text=True, timeout=HANG_GUARD_S,
+    [
+      sys.executable,
+      "-m",
+      "experiments.launch",
+      "--processes",
+      "2",
+      "--timeout",
+      "3",
+      "--",
+      sys.executable,
+      str(script),
+    ],
+    env=child_env(),
+    capture_output=True,
+    text=True,
+    timeout=HANG_GUARD_S,
   )
   waiting = 1 - absent
   assert result.returncode == 1, result.stdout + result.stderr
@@ -164,14 +186,17 @@ def test_a_missing_program_is_reported():
 
 def test_rendezvous_meets_or_names_the_missing():
   """The barrier in initialize(): all three arrive and pass; with one missing, the others raise in time."""
+
   def meet(pids, num_processes, timeout):
     address, errors, threads = f"127.0.0.1:{launch.free_port()}", {}, []
     for pid in pids:
+
       def target(pid=pid):
         try:
           launch._rendezvous(address, num_processes=num_processes, process_id=pid, timeout=timeout)
         except RuntimeError as e:
           errors[pid] = str(e)
+
       threads.append(threading.Thread(target=target))
       threads[-1].start()
     for thread in threads:
@@ -193,7 +218,10 @@ def test_initialize_outside_the_launcher_says_how_to_run():
 def test_command_line_errors():
   def cli(*args):
     return subprocess.run(
-      [sys.executable, "-m", "experiments.launch", *args], env=child_env(), capture_output=True, text=True,
+      [sys.executable, "-m", "experiments.launch", *args],
+      env=child_env(),
+      capture_output=True,
+      text=True,
       timeout=HANG_GUARD_S,
     )
 

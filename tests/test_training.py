@@ -1,4 +1,5 @@
 """Tests of bnjax.training: the step on one device and its three data-parallel forms over 8 host devices."""
+
 import functools
 
 import flax.linen as nn
@@ -41,10 +42,12 @@ def initial_state():
 
 def host(tree):
   """Numpy copies of every leaf (keys as their raw data), for comparisons."""
+
   def leaf(a):
     if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
       a = jax.random.key_data(a)
     return np.asarray(a)
+
   return jax.tree.map(leaf, tree)
 
 
@@ -138,9 +141,7 @@ def test_one_step_is_the_textbook_update():
   assert int(state.step) == 0
 
 
-@pytest.mark.parametrize(
-  "parallel,axis_name", [("jit", None), ("shard_map", "batch"), ("pmap", "batch")]
-)
+@pytest.mark.parametrize("parallel,axis_name", [("jit", None), ("shard_map", "batch"), ("pmap", "batch")])
 @pytest.mark.devices(8)
 def test_data_parallel_matches_one_device(parallel, axis_name):
   """20 steps over 8 devices = 20 steps of one device on the global batch (params, stats, optimizer, rng)."""
@@ -175,8 +176,12 @@ def test_per_device_statistics_differ_from_global_batch():
   # shard_map's per-device mode (statistics stacked along the mesh axis) is the same computation.
   sm_state, sm_history = run("shard_map", make_model(None), sync_batch_stats=False)
   assert sm_state.batch_stats["BatchNorm_0"]["mean"].shape == (8, 16)
-  assert_trees_close(sm_state, state._replace(params=params, opt_state=training.unreplicate(state.opt_state),
-                                              step=state.step[0], rng=state.rng[0]))
+  assert_trees_close(
+    sm_state,
+    state._replace(
+      params=params, opt_state=training.unreplicate(state.opt_state), step=state.step[0], rng=state.rng[0]
+    ),
+  )
   for got, want in zip(sm_history, history):
     assert_trees_close(got, want)
 
@@ -349,7 +354,9 @@ def test_group_statistics_one_step_is_the_mean_of_each_group_alone():
   xs, ys = batches()
   step = training.make_train_step(make_model(), TX, donate=False)
   rows = GLOBAL_BATCH // 2
-  alone = [step(initial_state(), (xs[0][g * rows:(g + 1) * rows], ys[0][g * rows:(g + 1) * rows]))[0] for g in (0, 1)]
+  alone = [
+    step(initial_state(), (xs[0][g * rows : (g + 1) * rows], ys[0][g * rows : (g + 1) * rows]))[0] for g in (0, 1)
+  ]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, alone[0]._replace(rng=None), alone[1]._replace(rng=None))
   for parallel in ("jit", "shard_map"):
     assert_trees_close(run_grouped(parallel, num_steps=1)._replace(rng=None), expected)

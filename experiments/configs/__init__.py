@@ -4,6 +4,7 @@
 ``config.py:arg`` convention of ``ml_collections.config_flags``). Every criterion lives in the config's
 ``criterion`` block, so it is fixed, and recorded in ``config.json``, before anything runs.
 """
+
 import ml_collections
 
 # The datasets `experiments.data.load_dataset` knows; checked before anything is imported or compiled.
@@ -16,53 +17,53 @@ NORMS = ("none", "pre", "post")
 # What each key means, for ``python -m experiments <name> --show-config``: the keys of `training_config`,
 # then those some experiments add. A key an experiment reads differently is in `EXPERIMENT_HELP`.
 HELP = {
-    "dataset": f"which dataset: one of {', '.join(DATASETS)}",
-    "data_dir": "folder of IDX files for mnist / fashion_mnist; empty: the bundled data",
-    "standardize": "standardize features with the training split's mean and scale",
-    "num_steps": "training steps per model",
-    "batch_size": "rows per training batch (a multiple of num_devices)",
-    "learning_rate": "the optimizer's learning rate (finite, > 0)",
-    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
-    "seed": "first seed: model i of a run uses seed + i (also the data split's seed)",
-    "num_seeds": "models trained per arm, one per seed",
-    "eval_every": "steps between evaluations (metrics.jsonl rows)",
-    "checkpoint_every": "steps between checkpoints; 0: none (needed for --resume)",
-    "num_devices": "devices the batch is split across (on CPU the host device count is set for it)",
-    "hidden": "widths of the hidden layers",
-    "activation": f"one of {', '.join(ACTIVATIONS)}",
-    "norm": f"where batch norm goes: {', '.join(NORMS)} (none, before or after the activation)",
-    "init_stddev": "0: the layers' default kernel initializer; else N(0, init_stddev^2) kernels",
-    "momentum": "decay of batch norm's running statistics, in [0, 1)",
-    "epsilon": "batch norm's epsilon, added to the variance",
-    "parallel": "data parallelism when num_devices > 1: shard_map, pmap or jit (sharded jit)",
-    "unit": "which sigmoid of the last hidden layer panels (b, c) follow",
-    "learning_rates": "the learning-rate grid; every model trains at one of these (learning_rate is not used)",
-    "split_per_seed": "each seed draws its own data split (split seed = replicate seed)",
-    "activations": "the activations compared, each with and without batch norm",
-    "probe_rows": "the fixed batch of training rows the gradients are measured on",
-    "datasets": "the datasets compared (dataset is not used)",
-    "batch_sizes": "the batch sizes compared, one arm each (batch_size is not used)",
-    "criterion.version": "the criterion's version: its pre-registration record says what changed",
-    "criterion.target_accuracy": "the test accuracy the arms race to",
-    "criterion.max_step_ratio": "BN must reach the target in at most this fraction of no-BN's steps",
-    "criterion.warmup_fraction": "drift is measured after this fraction of the steps",
-    "criterion.drift_statistic": "how drift is summarised over time: median or max",
-    "criterion.min_seeds_less_drift": "BN's percentile drift must be smaller in at least this many seeds",
-    "criterion.min_extra_points": "BN must reach the target at this many more learning rates than no BN",
-    "criterion.min_lr_ratio": "BN's largest target-reaching learning rate over no-BN's must be at least this",
-    "criterion.max_gap_points": "|acc(input BN) - acc(standardized)| at most this, in accuracy points",
-    "criterion.min_raw_deficit_points": "acc(no BN, raw) must be below acc(standardized) by more than this",
-    "criterion.low": "with BN every first-to-last gradient-norm ratio stays at or above this",
-    "criterion.high": "... and at or below this; without BN some ratio leaves [low, high]",
-    "criterion.confidence": "the confidence level of the paired intervals the verdict reads",
-    "criterion.min_over_majority_points": "BN minus the majority-class rate must lie above this, in points",
-    "criterion.max_gap_to_standardized_points": "BN minus the standardized no-BN network must lie above minus this",
-    "criterion.unbiased_better_at": "at this batch size the unbiased running variance must be the closer one",
-    "criterion.max_accuracy_drop_points": "Algorithm 2's statistics may lose at most this many accuracy points",
-    "criterion.min_test_accuracy": "the final test accuracy must be at least this",
+  "dataset": f"which dataset: one of {', '.join(DATASETS)}",
+  "data_dir": "folder of IDX files for mnist / fashion_mnist; empty: the bundled data",
+  "standardize": "standardize features with the training split's mean and scale",
+  "num_steps": "training steps per model",
+  "batch_size": "rows per training batch (a multiple of num_devices)",
+  "learning_rate": "the optimizer's learning rate (finite, > 0)",
+  "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+  "seed": "first seed: model i of a run uses seed + i (also the data split's seed)",
+  "num_seeds": "models trained per arm, one per seed",
+  "eval_every": "steps between evaluations (metrics.jsonl rows)",
+  "checkpoint_every": "steps between checkpoints; 0: none (needed for --resume)",
+  "num_devices": "devices the batch is split across (on CPU the host device count is set for it)",
+  "hidden": "widths of the hidden layers",
+  "activation": f"one of {', '.join(ACTIVATIONS)}",
+  "norm": f"where batch norm goes: {', '.join(NORMS)} (none, before or after the activation)",
+  "init_stddev": "0: the layers' default kernel initializer; else N(0, init_stddev^2) kernels",
+  "momentum": "decay of batch norm's running statistics, in [0, 1)",
+  "epsilon": "batch norm's epsilon, added to the variance",
+  "parallel": "data parallelism when num_devices > 1: shard_map, pmap or jit (sharded jit)",
+  "unit": "which sigmoid of the last hidden layer panels (b, c) follow",
+  "learning_rates": "the learning-rate grid; every model trains at one of these (learning_rate is not used)",
+  "split_per_seed": "each seed draws its own data split (split seed = replicate seed)",
+  "activations": "the activations compared, each with and without batch norm",
+  "probe_rows": "the fixed batch of training rows the gradients are measured on",
+  "datasets": "the datasets compared (dataset is not used)",
+  "batch_sizes": "the batch sizes compared, one arm each (batch_size is not used)",
+  "criterion.version": "the criterion's version: its pre-registration record says what changed",
+  "criterion.target_accuracy": "the test accuracy the arms race to",
+  "criterion.max_step_ratio": "BN must reach the target in at most this fraction of no-BN's steps",
+  "criterion.warmup_fraction": "drift is measured after this fraction of the steps",
+  "criterion.drift_statistic": "how drift is summarised over time: median or max",
+  "criterion.min_seeds_less_drift": "BN's percentile drift must be smaller in at least this many seeds",
+  "criterion.min_extra_points": "BN must reach the target at this many more learning rates than no BN",
+  "criterion.min_lr_ratio": "BN's largest target-reaching learning rate over no-BN's must be at least this",
+  "criterion.max_gap_points": "|acc(input BN) - acc(standardized)| at most this, in accuracy points",
+  "criterion.min_raw_deficit_points": "acc(no BN, raw) must be below acc(standardized) by more than this",
+  "criterion.low": "with BN every first-to-last gradient-norm ratio stays at or above this",
+  "criterion.high": "... and at or below this; without BN some ratio leaves [low, high]",
+  "criterion.confidence": "the confidence level of the paired intervals the verdict reads",
+  "criterion.min_over_majority_points": "BN minus the majority-class rate must lie above this, in points",
+  "criterion.max_gap_to_standardized_points": "BN minus the standardized no-BN network must lie above minus this",
+  "criterion.unbiased_better_at": "at this batch size the unbiased running variance must be the closer one",
+  "criterion.max_accuracy_drop_points": "Algorithm 2's statistics may lose at most this many accuracy points",
+  "criterion.min_test_accuracy": "the final test accuracy must be at least this",
 }
 EXPERIMENT_HELP = {
-    "placement": {"learning_rates": "the grid each (dataset, activation, arm) picks its best rate from"},
+  "placement": {"learning_rates": "the grid each (dataset, activation, arm) picks its best rate from"},
 }
 
 
@@ -104,8 +105,17 @@ def training_config(*, drop=(), **values) -> ml_collections.ConfigDict:
       raise KeyError(f"training_config got unknown key {key!r}; valid keys: {sorted(config)}")
     config[key] = value
   for key in drop:
-    if key in ("dataset", "num_steps", "batch_size", "learning_rate", "optimizer", "seed", "eval_every",
-               "checkpoint_every", "num_devices"):
+    if key in (
+      "dataset",
+      "num_steps",
+      "batch_size",
+      "learning_rate",
+      "optimizer",
+      "seed",
+      "eval_every",
+      "checkpoint_every",
+      "num_devices",
+    ):
       raise KeyError(f"training_config cannot drop {key!r}: every training config has it")
     del config[key]
   return config
@@ -152,8 +162,11 @@ def check_training(config) -> None:
   if "dataset" in config:
     check_choice(config, "dataset", DATASETS)
     if config.dataset in ("mnist", "fashion_mnist") and not config.data_dir:
-      fail("data_dir", config.data_dir, f"the folder holding the {config.dataset} IDX files "
-           f"(dataset={config.dataset!r} is not bundled)")
+      fail(
+        "data_dir",
+        config.data_dir,
+        f"the folder holding the {config.dataset} IDX files (dataset={config.dataset!r} is not bundled)",
+      )
   if "optimizer" in config:
     check_choice(config, "optimizer", OPTIMIZERS)
   if "activation" in config:
@@ -161,12 +174,13 @@ def check_training(config) -> None:
   if "norm" in config:
     check_choice(config, "norm", NORMS)
   if "hidden" in config:
-    if not config.hidden or any(not isinstance(h, int) or isinstance(h, bool) or h <= 0
-                                for h in config.hidden):
+    if not config.hidden or any(not isinstance(h, int) or isinstance(h, bool) or h <= 0 for h in config.hidden):
       fail("hidden", config.hidden, "a non-empty tuple of positive layer widths")
   if "batch_size" in config and "num_devices" in config:
     if config.batch_size % config.num_devices:
-      raise ValueError(f"config.batch_size: got {config.batch_size}, which config.num_devices="
-                       f"{config.num_devices} does not divide; expected a multiple of num_devices")
+      raise ValueError(
+        f"config.batch_size: got {config.batch_size}, which config.num_devices="
+        f"{config.num_devices} does not divide; expected a multiple of num_devices"
+      )
   if "num_steps" in config and "eval_every" in config and config.eval_every > config.num_steps:
     fail("eval_every", config.eval_every, f"at most num_steps={config.num_steps}")

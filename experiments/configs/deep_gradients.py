@@ -4,19 +4,27 @@ The per-layer gradient norms of the Dense kernels, on a fixed batch of training 
 initialization and during training. The first-to-last ratio is ``||dL/dW_0|| / ||dL/dW_{L-1}||`` over the
 hidden layers ``0 .. L-1``.
 """
+
 from experiments import configs
 
 
 def get_config(arg: str = ""):
   config = configs.training_config(
-      dataset="digits", num_steps=1000, batch_size=60, learning_rate=0.05, optimizer="sgd",
-      num_seeds=10, eval_every=100, hidden=(64,) * 20,
-      drop=("activation", "norm"))  # Both activations, with and without BN.
+    dataset="digits",
+    num_steps=1000,
+    batch_size=60,
+    learning_rate=0.05,
+    optimizer="sgd",
+    num_seeds=10,
+    eval_every=100,
+    hidden=(64,) * 20,
+    drop=("activation", "norm"),
+  )  # Both activations, with and without BN.
   config.activations = ("sigmoid", "tanh")
   config.probe_rows = 256  # The fixed batch of training rows the gradients are measured on.
   config.criterion = dict(
-      low=0.1,    # With BN every recorded first-to-last ratio (seeds' geometric mean) stays in
-      high=10.0,  # [low, high]; without BN some recorded ratio leaves it (for every activation).
+    low=0.1,  # With BN every recorded first-to-last ratio (seeds' geometric mean) stays in
+    high=10.0,  # [low, high]; without BN some recorded ratio leaves it (for every activation).
   )
   if arg == "quick":
     config.update(dict(num_steps=40, eval_every=20, num_seeds=2, hidden=(16,) * 4, probe_rows=64))

@@ -8,6 +8,7 @@ By default it runs on scikit-learn's 8x8 digits. Given MNIST IDX files (``--conf
 switches to the paper's protocol: MNIST, 50 000 steps, batches of 60 (an explicit ``--config.num_steps``
 or ``--config.dataset`` wins).
 """
+
 from experiments import configs
 
 PAPER_NUM_STEPS = 50_000
@@ -16,17 +17,27 @@ PAPER_EVAL_EVERY = 500
 
 def get_config(arg: str = ""):
   config = configs.training_config(
-      dataset="digits", num_steps=6000, batch_size=60, learning_rate=0.5, optimizer="sgd",
-      num_seeds=10, eval_every=50, hidden=(100, 100, 100), activation="sigmoid", norm="pre",
-      init_stddev=0.1, drop=("norm",))  # The arms are no BN and BN before each sigmoid.
+    dataset="digits",
+    num_steps=6000,
+    batch_size=60,
+    learning_rate=0.5,
+    optimizer="sgd",
+    num_seeds=10,
+    eval_every=50,
+    hidden=(100, 100, 100),
+    activation="sigmoid",
+    norm="pre",
+    init_stddev=0.1,
+    drop=("norm",),
+  )  # The arms are no BN and BN before each sigmoid.
   config.unit = 0  # Which sigmoid of the last hidden layer panels (b, c) follow.
   config.criterion = dict(
-      version=3,               # v2: drift was the max over time, 5 seeds, min_seeds_less_drift=4.
-      target_accuracy=0.9,     # Panel (a): test accuracy both arms race to.
-      max_step_ratio=0.5,      # BN must reach it in at most this fraction of no-BN's steps.
-      warmup_fraction=0.1,     # Drift is measured after this fraction of the steps.
-      drift_statistic="median",  # Over the recorded steps after warm-up: robust to one spike.
-      min_seeds_less_drift=8,  # BN's percentile drift must be smaller in at least this many seeds.
+    version=3,  # v2: drift was the max over time, 5 seeds, min_seeds_less_drift=4.
+    target_accuracy=0.9,  # Panel (a): test accuracy both arms race to.
+    max_step_ratio=0.5,  # BN must reach it in at most this fraction of no-BN's steps.
+    warmup_fraction=0.1,  # Drift is measured after this fraction of the steps.
+    drift_statistic="median",  # Over the recorded steps after warm-up: robust to one spike.
+    min_seeds_less_drift=8,  # BN's percentile drift must be smaller in at least this many seeds.
   )
   if arg == "quick":
     config.update(dict(num_steps=200, eval_every=50, num_seeds=2, hidden=(32, 32, 32)))
@@ -57,5 +68,6 @@ def validate(config):
   if criterion.drift_statistic not in ("median", "max"):
     configs.fail("criterion.drift_statistic", criterion.drift_statistic, "'median' or 'max'")
   if not 1 <= criterion.min_seeds_less_drift <= config.num_seeds:
-    configs.fail("criterion.min_seeds_less_drift", criterion.min_seeds_less_drift,
-                 f"a count in 1..num_seeds={config.num_seeds}")
+    configs.fail(
+      "criterion.min_seeds_less_drift", criterion.min_seeds_less_drift, f"a count in 1..num_seeds={config.num_seeds}"
+    )

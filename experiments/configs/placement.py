@@ -5,21 +5,30 @@ learning rate is the one with the best mean validation accuracy, and its test ac
 seed by seed (paired: the same seed gives the same initial weights and batch order in every arm).
 Inputs are standardized, so the comparison is about the hidden layers, not the input scales.
 """
+
 from experiments import configs
 
 
 def get_config(arg: str = ""):
   config = configs.training_config(
-      dataset="digits", standardize=True, num_steps=1500, batch_size=32, optimizer="momentum",
-      num_seeds=10, eval_every=500, hidden=(64, 64), drop=("activation", "norm"))
+    dataset="digits",
+    standardize=True,
+    num_steps=1500,
+    batch_size=32,
+    optimizer="momentum",
+    num_seeds=10,
+    eval_every=500,
+    hidden=(64, 64),
+    drop=("activation", "norm"),
+  )
   # These replace `dataset` and `learning_rate`, which are not used.
   config.split_per_seed = True  # Each seed its own data split (split seed = replicate seed).
   config.datasets = ("digits", "breast_cancer", "wine")
   config.activations = ("relu", "tanh")
   config.learning_rates = (0.003, 0.01, 0.03, 0.1)
   config.criterion = dict(
-      confidence=0.95,  # The article's claim holds if the pooled paired CI of
-      # test accuracy (post - pre), over every dataset, activation and seed, lies above zero.
+    confidence=0.95,  # The article's claim holds if the pooled paired CI of
+    # test accuracy (post - pre), over every dataset, activation and seed, lies above zero.
   )
   if arg == "quick":
     config.update(dict(num_steps=40, eval_every=20, num_seeds=2, hidden=(16,)))

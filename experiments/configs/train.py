@@ -4,14 +4,24 @@ The building block of the other experiments: dataset, architecture, norm placeme
 count all come from here. ``num_devices > 1`` trains data-parallel (``parallel``), which must give the
 same result as one device on the global batch.
 """
+
 from experiments import configs
 
 
 def get_config(arg: str = ""):
   config = configs.training_config(
-      dataset="digits", num_steps=1500, batch_size=64, learning_rate=0.1, optimizer="momentum",
-      num_seeds=1, eval_every=100, checkpoint_every=500, hidden=(128, 128), activation="relu",
-      norm="pre")
+    dataset="digits",
+    num_steps=1500,
+    batch_size=64,
+    learning_rate=0.1,
+    optimizer="momentum",
+    num_seeds=1,
+    eval_every=100,
+    checkpoint_every=500,
+    hidden=(128, 128),
+    activation="relu",
+    norm="pre",
+  )
   # Data parallelism when num_devices > 1: "shard_map", "pmap" or "jit" (sharded jit).
   config.parallel = "shard_map"
   config.criterion = dict(min_test_accuracy=0.9)
