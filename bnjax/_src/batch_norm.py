@@ -119,15 +119,15 @@ def _train_tangents(x, mean, inv_std, count, scale, mask, tx, tscale, tbias, *, 
   if tx is not None:
     tx = tx.astype(mean.dtype)
     counted = tx if mask is None else jnp.where(mask, tx, 0)  # masked values move y, not the statistics
+    total = jnp.sum(counted, axis=red, keepdims=True)
+    # Built after the first sum: the order in which the transpose adds dx's terms sets dx's rounding.
     proj = counted * x_hat if not jnp.iscomplexobj(x_hat) else (jnp.conj(x_hat) * counted).real
     sum_t, sum_proj = moments_lib.sync_sum(
-      (jnp.sum(counted, axis=red, keepdims=True), jnp.sum(proj, axis=red, keepdims=True)),
-      spec.axis_names,
-      spec.axis_index_groups,
+      (total, jnp.sum(proj, axis=red, keepdims=True)), spec.axis_names, spec.axis_index_groups
     )
     safe_count = jnp.maximum(count, 1.0)
     t_mean, t_proj = sum_t / safe_count, sum_proj / safe_count
-    gain = inv_std * _maybe(at, scale, 1.0)
+    gain = inv_std if scale is None else at(scale) * inv_std
     ty = gain * tx
     offset = offset - gain * t_mean
     slope = slope - gain * t_proj
