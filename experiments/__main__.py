@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--results_dir", default="experiments/results", help="report: the tracked folder for the results markdown and plots"
   )
-  parser.add_argument("--readme", default="README.md", help="report: the README to update")
+  parser.add_argument(
+    "--readme", default="", help="report: a README whose results section to update too (default: none)"
+  )
   return parser
 
 

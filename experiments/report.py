@@ -766,7 +766,7 @@ def build(
   *,
   workdir: str = "runs",
   results_dir: str = "experiments/results",
-  readme: str | None = "README.md",
+  readme: str | None = None,
   allow_dirty: bool = False,
   allow_overrides: bool = False,
 ) -> Sequence[pathlib.Path]:
