@@ -244,7 +244,8 @@ def test_a_lost_peer_is_named_and_the_run_resumes(tmp_path, uninterrupted):
     detected = time.monotonic() - lost_at
   finally:
     finish(procs, timeout=1)
-  assert procs[1].returncode == -9, f"process 1:\n{dead}\nprocess 0:\n{out}"
+  # Killed by a signal: its own SIGKILL, or JAX's abort if the coordinator noticed the loss first.
+  assert procs[1].returncode < 0, f"process 1:\n{dead}\nprocess 0:\n{out}"
   assert procs[0].returncode != 0 and detected < LOST_PEER_BOUND_S, out
   assert "lost peer: process 1 of 2" in out, out
   print(f"lost peer detected after {detected:.1f} s")
