@@ -122,7 +122,7 @@ def _plot(run, config, norms, metrics) -> str:
         yscale="log",
         xlabel="hidden layer index (0 = first)",
         ylabel="||dL/dW|| (Frobenius, log scale)",
-        title=f"{activation}: gradient norm per layer, {when}",
+        title=f"{activation}, {when}",
       )
       ax.legend(fontsize="small")
     ax = axes[row, 2]

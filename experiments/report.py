@@ -64,7 +64,10 @@ PNG_DPI = 160
 def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2, title: str = ""):
   """A grid of axes; ``title`` (the setup: data, model, optimizer, steps, seeds) heads the figure."""
   extra = 0.45 if title else 0.0
-  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + extra), squeeze=False)
+  # Constrained layout spaces panels by their titles and labels, so none overlaps or is clipped.
+  fig, axes = plt.subplots(
+    nrows, ncols, figsize=(width * ncols, height * nrows + extra), squeeze=False, layout="constrained"
+  )
   if title:
     fig.suptitle(title, fontsize="medium")
   return fig, axes
@@ -107,7 +110,6 @@ def band(
 
 def save(fig, run, name: str) -> str:
   """Saves ``fig`` as ``<run dir>/<name>.png`` (``PNG_DPI``) and ``<name>.svg``; returns the PNG's name."""
-  fig.tight_layout()
   filename = f"{name}.png"
   fig.savefig(run.path(filename), dpi=PNG_DPI)
   fig.savefig(run.path(f"{name}.svg"))
