@@ -141,7 +141,7 @@ def _plot(run, config, histories, tests) -> str:
     list(tests),
     list(tests.values()),
     xlabel="difference (accuracy points)",
-    title=f"paired differences (Bonferroni {level:.1%} CI)",
+    title=f"paired differences\n(Bonferroni {level:.1%} CI)",
   )
   axes[0, 2].legend(fontsize="x-small")
   return report.save(fig, run, "feature_scale")
