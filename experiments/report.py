@@ -288,7 +288,7 @@ python -m experiments fig1                       # the paper's Figure 1, scaled 
 python -m experiments train --config.norm=post --config.num_devices=4   # any config key can be overridden
 python -m experiments train --resume             # continue the latest run from its checkpoint
 python -m experiments all --quick                # every experiment in its seconds-long form
-python -m experiments report                     # rebuild this section from the latest runs
+python -m experiments report                     # rebuild this page from the latest runs
 ```
 
 Each criterion below is in the experiment's config (`experiments/configs/<name>.py`) and in its
@@ -616,6 +616,23 @@ def _latest_runs(workdir, *, allow_dirty: bool = False, allow_overrides: bool = 
   return runs
 
 
+def _machines_and_loads(runs) -> list:
+  """One entry per machine the runs were measured on, with the range of their loads at start."""
+  loads: dict = {}
+  for run in runs:
+    machine = (run.summary.get("provenance") or {}).get("machine")
+    if machine is None:
+      loads.setdefault(_machine_of(run.summary), [])
+      continue
+    machine = dict(machine)
+    load = machine.pop("load_average", None)
+    loads.setdefault(text(provenance.machine_line(machine)), []).extend(load[:1] if load else [])
+  return [
+    f"{machine} (load average at start {min(values)}-{max(values)})" if values else machine
+    for machine, values in sorted(loads.items())
+  ]
+
+
 def _machine_of(summary: dict) -> str:
   prov = summary.get("provenance")
   if prov is None:
@@ -663,7 +680,7 @@ def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) 
       f"| [{run.name}](#{run.name.replace('_', '-')}){quick} | {cell(s['criterion'])} | "
       f"{verdict_word(s)}{disagree} | {s['wall_seconds']:.0f} |"
     )
-  machines = sorted({_machine_of(run.summary) for run in runs})
+  machines = _machines_and_loads(runs)
   if machines:
     parts.append(
       f"\nSeconds are each run's wall time, measured on: {'; or '.join(machines)} (the machine of "
