@@ -171,8 +171,11 @@ def test_the_report_names_the_run_its_machine_and_its_preregistration(finished, 
   page = _build(workdir, tmp_path)
   folder = next((workdir / "train").iterdir())
   assert f"Published run `{folder.as_posix()}`" in page
-  machine = provenance.machine_line(finished[2]["provenance"]["machine"])
-  assert f"Seconds are each run's wall time, measured on: {machine}" in page
+  machine = dict(finished[2]["provenance"]["machine"])
+  load = machine.pop("load_average")[0]
+  line = provenance.machine_line(machine)
+  assert f"Seconds are each run's wall time, measured on: {line} (load average at start {load}-{load})" in page
+  assert provenance.machine_line(finished[2]["provenance"]["machine"]) in page  # the run's section, with its load
   version = preregistration.load("train")[-1]["version"]
   assert f"pre-registration version {version} (`{finished[2]['provenance']['preregistration']['digest'][:12]}`" in page
   assert "Runs disagree" not in page
