@@ -677,7 +677,7 @@ def _results_markdown(runs: Sequence[_Run], *, image_prefix: str, heading: str) 
     quick = " (quick)" if s["quick"] else ""
     disagree = " (runs disagree)" if run.siblings else ""
     parts.append(
-      f"| [{run.name}](#{run.name.replace('_', '-')}){quick} | {cell(s['criterion'])} | "
+      f"| [{run.name}](#{run.name}){quick} | {cell(s['criterion'])} | "
       f"{verdict_word(s)}{disagree} | {s['wall_seconds']:.0f} |"
     )
   machines = _machines_and_loads(runs)
