@@ -53,6 +53,7 @@ ARM_COLORS = {
   "population_alg2": "tab:blue",
   "precise_bn": "tab:red",
   "whole_split": "tab:green",
+  "adabn": "tab:red",
 }
 PNG_DPI = 160
 
