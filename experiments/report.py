@@ -54,6 +54,9 @@ ARM_COLORS = {
   "precise_bn": "tab:red",
   "whole_split": "tab:green",
   "adabn": "tab:red",
+  "noisy_bn": "tab:cyan",
+  "no_decay": "tab:orange",
+  "decay": "tab:green",
 }
 PNG_DPI = 160
 
