@@ -26,6 +26,7 @@ EXPERIMENTS = (
   "placement",
   "keras_example",
   "inference",
+  "convnet",
 )
 
 

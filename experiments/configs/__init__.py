@@ -74,6 +74,12 @@ HELP = {
   "criterion.unbiased_better_at": "at this batch size the unbiased running variance must be the closer one",
   "criterion.max_accuracy_drop_points": "Algorithm 2's statistics may lose at most this many accuracy points",
   "criterion.min_test_accuracy": "the final test accuracy must be at least this",
+  "channels": "output channels of each conv block",
+  "shift_contrast": "the shifted test image is shift_contrast * x + shift_offset",
+  "shift_offset": "... the offset added to every pixel of the shifted test image",
+  "adapt_batch_size": "rows per batch when BN statistics are re-estimated on shifted test images (AdaBN)",
+  "criterion.min_bn_gain_points": "BN minus no BN, test accuracy: the paired interval lies above this, in points",
+  "criterion.min_recovered_points": "shifted test, AdaBN minus running statistics: the interval lies above this",
 }
 EXPERIMENT_HELP = {
   "placement": {"learning_rates": "the grid each (dataset, activation, arm) picks its best rate from"},

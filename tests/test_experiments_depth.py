@@ -1,0 +1,58 @@
+"""The convnet and init_depth experiments: criteria on synthetic metrics, and quick runs re-judged from disk."""
+
+import importlib
+import json
+
+import ml_collections
+import pytest
+
+from experiments import config_parsing
+from experiments import runner
+
+
+def verdict(name: str, metrics: dict):
+  module = importlib.import_module(f"experiments.{name}")
+  result = module.evaluate(metrics, config_parsing.load_config(name).criterion)
+  assert result.reason
+  return result
+
+
+def convnet_metrics(**changes):
+  metrics = {
+    "test_accuracy": {"none": [0.80, 0.82, 0.81, 0.79, 0.80], "pre": [0.90, 0.91, 0.93, 0.92, 0.90]},
+    "shift": {"pre_running": [0.40, 0.45, 0.50, 0.42, 0.38], "pre_adabn": [0.88, 0.90, 0.91, 0.89, 0.87]},
+    "stats": {"per_channel": True, "max_abs_diff": [1e-7, 2e-7]},
+  }
+  metrics.update(changes)
+  return metrics
+
+
+def test_convnet_holds_when_bn_wins_and_adabn_recovers():
+  assert verdict("convnet", convnet_metrics()).held
+
+
+@pytest.mark.parametrize(
+  "changes",
+  [
+    {"test_accuracy": {"none": [0.90, 0.91, 0.93, 0.92, 0.90], "pre": [0.80, 0.82, 0.81, 0.79, 0.80]}},
+    {"shift": {"pre_running": [0.88, 0.90, 0.91, 0.89, 0.87], "pre_adabn": [0.89, 0.91, 0.92, 0.90, 0.88]}},
+    {"stats": {"per_channel": False, "max_abs_diff": [1e-7]}},
+    {"stats": {"per_channel": True, "max_abs_diff": [1e-2]}},
+  ],
+  ids=["bn_loses", "adabn_recovers_little", "not_per_channel", "not_nhw_moments"],
+)
+def test_convnet_fails(changes):
+  assert not verdict("convnet", convnet_metrics(**changes)).held
+
+
+@pytest.mark.parametrize("name", ["convnet"])
+def test_quick_run_completes_and_its_verdict_is_recomputed_from_saved_metrics(name, tmp_path):
+  summary = runner.run_experiment(name, quick=True, workdir=str(tmp_path), quiet=True)
+  run_dir = runner.latest_finished_run(tmp_path, name)
+  saved = json.loads((run_dir / "summary.json").read_text())
+  config = json.loads((run_dir / "config.json").read_text())
+  module = importlib.import_module(f"experiments.{name}")
+  recomputed = module.evaluate(saved["metrics"], ml_collections.ConfigDict(config["criterion"]))
+  assert recomputed.held == saved["verdict"]["held"] == summary["verdict"]["held"]
+  assert recomputed.reason == saved["verdict"]["reason"]
+  assert all((run_dir / plot).stat().st_size > 0 for plot in saved["plots"])
