@@ -57,6 +57,12 @@ ARM_COLORS = {
   "noisy_bn": "tab:cyan",
   "no_decay": "tab:orange",
   "decay": "tab:green",
+  "ghost_bn": "tab:cyan",
+  "renorm": "tab:red",
+  "layernorm": "tab:green",
+  "groupnorm": "tab:purple",
+  "dropout": "tab:olive",
+  "bn_dropout": "tab:brown",
 }
 PNG_DPI = 160
 
