@@ -55,7 +55,7 @@ HELP = {
   "criterion.max_noisy_gap_points": "noisy BN minus BN accuracy must lie above minus this, in points",
   "criterion.tolerance": "the largest relative error either identity may have",
   "criterion.min_growth": "without decay every seed's final ||W_T|| / ||W_0|| must be at least this",
-  "criterion.max_ratio_with_decay": "with decay every seed's ||W_t|| / ||W_0|| must stay at most this",
+  "criterion.late_growth": "no decay must grow ||W|| by more than this factor over the second half; decay at most",
   "criterion.version": "the criterion's version: its pre-registration record says what changed",
   "criterion.target_accuracy": "the test accuracy the arms race to",
   "criterion.max_step_ratio": "BN must reach the target in at most this fraction of no-BN's steps",
