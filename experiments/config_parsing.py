@@ -27,6 +27,7 @@ EXPERIMENTS = (
   "keras_example",
   "inference",
   "convnet",
+  "small_batch",
 )
 
 
