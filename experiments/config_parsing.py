@@ -27,7 +27,10 @@ EXPERIMENTS = (
   "keras_example",
   "inference",
   "convnet",
+  "init_depth",
   "small_batch",
+  "mechanism",
+  "scale_invariance",
 )
 
 

@@ -45,7 +45,7 @@ def test_convnet_fails(changes):
   assert not verdict("convnet", convnet_metrics(**changes)).held
 
 
-@pytest.mark.parametrize("name", ["convnet"])
+@pytest.mark.parametrize("name", ["convnet", "init_depth"])
 def test_quick_run_completes_and_its_verdict_is_recomputed_from_saved_metrics(name, tmp_path):
   summary = runner.run_experiment(name, quick=True, workdir=str(tmp_path), quiet=True)
   run_dir = runner.latest_finished_run(tmp_path, name)
@@ -56,3 +56,32 @@ def test_quick_run_completes_and_its_verdict_is_recomputed_from_saved_metrics(na
   assert recomputed.held == saved["verdict"]["held"] == summary["verdict"]["held"]
   assert recomputed.reason == saved["verdict"]["reason"]
   assert all((run_dir / plot).stat().st_size > 0 for plot in saved["plots"])
+
+
+def init_depth_metrics(bn_ratio=100.0, bn_acc=0.9):
+  cells = lambda acc: [[[acc] * 5 for _ in range(5)] for _ in range(3)]
+  none = cells(0.9)
+  for row in none:
+    row[-1] = row[-2] = [0.1] * 5
+  return {
+    "accuracy": {"none": none, "bn": cells(bn_acc)},
+    "grad_depths": [2, 100],
+    "grad_ratio": {
+      "none": [[1.0, 1.1, 0.9, 1.0, 1.2]] * 2,
+      "bn": [[1.0] * 5, [bn_ratio * f for f in (0.8, 1.0, 1.2, 0.9, 1.1)]],
+    },
+  }
+
+
+def test_init_depth_holds_when_bn_trains_wider_and_its_gradients_explode():
+  assert verdict("init_depth", init_depth_metrics()).held
+
+
+@pytest.mark.parametrize(
+  "metrics,refuted",
+  [(init_depth_metrics(bn_ratio=1.0), "explosion refuted"), (init_depth_metrics(bn_acc=0.5), "(refuted)")],
+  ids=["no_explosion", "bn_trains_nowhere"],
+)
+def test_init_depth_fails_and_says_which_side_is_refuted(metrics, refuted):
+  result = verdict("init_depth", metrics)
+  assert not result.held and refuted in result.reason
