@@ -52,10 +52,31 @@ def test_small_batch_fails(changes):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# regularization.
+
+
+def regularization_metrics(bn_gap=0.08, ghost=0.95):
+  seeds = range(6)
+  jitter = lambda v: [v + 0.003 * s * s for s in seeds]
+  gap = {"none": jitter(0.15), "bn": [bn_gap + 0.002 * s for s in seeds], "dropout": jitter(0.10)}
+  acc = {"full": [0.93 + 0.002 * s for s in seeds], "16": jitter(ghost)}
+  return {"gap": gap, "ghost_test_accuracy": acc}
+
+
+def test_regularization_holds_when_bn_narrows_the_gap_and_ghosts_help():
+  assert verdict("regularization", regularization_metrics()).held
+
+
+@pytest.mark.parametrize("changes", [{"bn_gap": 0.16}, {"ghost": 0.92}])
+def test_regularization_fails(changes):
+  assert not verdict("regularization", regularization_metrics(**changes)).held
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The quick runs.
 
 
-@pytest.mark.parametrize("name", ["small_batch"])
+@pytest.mark.parametrize("name", ["small_batch", "regularization"])
 def test_quick_run_completes_and_its_verdict_follows_saved_metrics(name, tmp_path):
   summary = runner.run_experiment(name, quick=True, workdir=str(tmp_path), quiet=True)
   run_dir = runner.latest_finished_run(tmp_path, name)
