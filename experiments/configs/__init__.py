@@ -100,6 +100,13 @@ HELP = {
   "criterion.min_bn_deficit_points": "LayerNorm and GroupNorm must beat BN by more than this, in points",
   "criterion.non_iid_batch": "the batch size of the non-i.i.d. criterion",
   "criterion.min_renorm_recovery": "batch renorm must recover at least this fraction of BN's non-i.i.d. loss",
+  "train_rows": "rows of the training split each seed draws to train on (the reduced training set)",
+  "dropout": "dropout rate after each hidden activation in the dropout arms",
+  "ghost_batch_size": "the large batch whose ghost batches are compared",
+  "ghost_sizes": "ghost batch sizes compared with BN over the whole ghost_batch_size batch",
+  "ghost_learning_rate": "the learning rate of the ghost-batch runs",
+  "criterion.min_gap_reduction_points": "gap(none) - gap(bn): the paired interval lies above this, in points",
+  "criterion.ghost_size": "ghost batches of this size must beat BN over the whole batch in test accuracy",
 }
 EXPERIMENT_HELP = {
   "placement": {"learning_rates": "the grid each (dataset, activation, arm) picks its best rate from"},
