@@ -31,6 +31,7 @@ EXPERIMENTS = (
   "small_batch",
   "mechanism",
   "scale_invariance",
+  "regularization",
 )
 
 
