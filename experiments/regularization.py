@@ -210,7 +210,11 @@ def _plot(run, config, metrics) -> str:
         label=("train" if key.startswith("train") else "test") if k == 0 else None,
       )
   ax.set_xticks(range(len(arms)), arms)
-  ax.set(ylabel="accuracy (%)", title=f"{config.train_rows} training rows, batch {config.batch_size}")
+  ax.set(
+    xlabel=f"arm (dropout rate {config.dropout:g})",
+    ylabel="accuracy (%)",
+    title=f"{config.train_rows} training rows, batch {config.batch_size}",
+  )
   ax.legend(fontsize="x-small", title="squares: train, circles: test", title_fontsize="x-small")
   ax = axes[0, 1]
   full = metrics["ghost_test_accuracy"]["full"]

@@ -430,6 +430,8 @@ def _plot(run, config, metrics) -> str:
   for arm in ARMS:
     legend = curve(ax, metrics["test_accuracy"], arm)
   ax.set(xscale="log", xlabel="batch size (rows, log scale)", ylabel="test accuracy (%)", title="inference mode")
+  ax.set_xticks(batches, [str(b) for b in batches], minor=False)
+  ax.xaxis.set_minor_formatter("")
   ax.legend(fontsize="x-small", title=legend, title_fontsize="x-small")
   ax = axes[0, 1]
   for arm in BN_FAMILY:
@@ -441,6 +443,8 @@ def _plot(run, config, metrics) -> str:
     ylabel="train-mode - eval-mode accuracy (points)",
     title="batch vs running statistics on test",
   )
+  ax.set_xticks(batches, [str(b) for b in batches], minor=False)
+  ax.xaxis.set_minor_formatter("")
   ax.legend(fontsize="x-small", title=legend, title_fontsize="x-small")
   ax = axes[0, 2]
   labels, cis, colors = [], [], []
@@ -458,6 +462,6 @@ def _plot(run, config, metrics) -> str:
     xlabel="non-i.i.d. - i.i.d. test accuracy (points)",
   )
   for y, (ci, c) in enumerate(zip(cis[::-1], colors[::-1])):
-    ax.plot(100 * ci["mean"], y, "o", color=c)
+    ax.plot(100 * ci["mean"], y, "o", color=c, markersize=8, zorder=3)
   ax.legend(fontsize="x-small", title=f"paired {config.criterion.confidence:.0%} CI", title_fontsize="x-small")
   return report.save(fig, run, "small_batch")
