@@ -38,7 +38,8 @@ def test_quick_run_writes_outputs_and_verdict_follows_metrics(name, tmp_path):
   # The verdict is recomputed from the recorded metrics alone.
   module = importlib.import_module(f"experiments.{name}")
   criterion = ml_collections.ConfigDict(config["criterion"])
-  assert module.evaluate(saved["metrics"], criterion).held == saved["verdict"]["held"]
+  recomputed = module.evaluate(saved["metrics"], criterion)
+  assert (recomputed.held, recomputed.reason) == (saved["verdict"]["held"], saved["verdict"]["reason"])
   markdown = (run_dir / "report.md").read_text()
   assert ("**held**" in markdown) == saved["verdict"]["held"]
   assert saved["state_digest"] in markdown
