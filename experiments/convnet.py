@@ -10,6 +10,8 @@ networks are evaluated on it with their training running statistics and with sta
 the shifted (unlabelled) test images by `bnjax.precise_batch_stats` (AdaBN).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,8 +89,9 @@ def evaluate(metrics: dict, criterion) -> Verdict:
 
 
 def as_images(dataset):
-  """The digits' 64 features as ``(N, 8, 8, 1)`` NHWC images."""
-  image = lambda s: data_lib.Split(s.x.reshape(-1, 8, 8, 1), s.y)
+  """Square grey images as NHWC: digits' 64 features as ``(N, 8, 8, 1)``, MNIST's 784 as ``(N, 28, 28, 1)``."""
+  side = math.isqrt(dataset.train.x.shape[-1])
+  image = lambda s: data_lib.Split(s.x.reshape(-1, side, side, 1), s.y)
   return dataset._replace(train=image(dataset.train), val=image(dataset.val), test=image(dataset.test))
 
 

@@ -2,9 +2,12 @@
 
 import importlib
 
+import numpy as np
 import pytest
 
 from experiments import config_parsing
+from experiments import data
+from experiments import runner
 
 
 def verdict(name: str, metrics: dict):
@@ -69,3 +72,29 @@ def test_init_depth_holds_when_bn_trains_wider_and_its_gradients_explode():
 def test_init_depth_fails_and_says_which_side_is_refuted(metrics, refuted):
   result = verdict("init_depth", metrics)
   assert not result.held and refuted in result.reason
+
+
+def test_convnet_runs_on_mnist_idx_files(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = {
+    "train-images-idx3-ubyte": rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+    "train-labels-idx1-ubyte": (np.arange(300) % 10).astype(np.uint8),
+    "t10k-images-idx3-ubyte": rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+    "t10k-labels-idx1-ubyte": (np.arange(100) % 10).astype(np.uint8),
+  }
+  (tmp_path / "mnist").mkdir()
+  for stem, array in arrays.items():
+    data.write_idx(tmp_path / "mnist" / stem, array)
+  overrides = ["--config.dataset=mnist", f"--config.data_dir={tmp_path / 'mnist'}"]
+  summary = runner.run_experiment(
+    "convnet", quick=True, workdir=str(tmp_path / "runs"), overrides=overrides, quiet=True
+  )
+  assert summary["metrics"]["stats"]["per_channel"]
+  config = (runner.latest_finished_run(tmp_path / "runs", "convnet") / "config.json").read_text()
+  assert '"dataset": "mnist"' in config
+
+
+def test_convnet_refuses_a_dataset_of_feature_vectors():
+  config = config_parsing.load_config("convnet", overrides=["--config.dataset=wine"])
+  with pytest.raises(ValueError, match=r"config.dataset: got 'wine', expected an image dataset"):
+    config_parsing.validate("convnet", config)

@@ -37,5 +37,7 @@ def validate(config):
   if not config.channels or any(not isinstance(c, int) or c <= 0 for c in config.channels):
     configs.fail("channels", config.channels, "a non-empty tuple of positive channel counts")
   configs.check_positive(config, "shift_contrast", "adapt_batch_size")
+  if config.dataset not in ("digits", "mnist", "fashion_mnist"):
+    configs.fail("dataset", config.dataset, "an image dataset: digits, mnist or fashion_mnist")
   if not 0.5 <= config.criterion.confidence < 1.0:
     configs.fail("criterion.confidence", config.criterion.confidence, "a confidence level in [0.5, 1)")
