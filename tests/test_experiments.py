@@ -10,6 +10,7 @@ import pytest
 
 from experiments import __main__ as cli
 from experiments import config_parsing
+from experiments import configs
 from experiments import report
 from experiments import runner
 
@@ -173,18 +174,7 @@ def test_every_training_config_has_the_common_keys():
   for name in config_parsing.EXPERIMENTS:
     for quick in (False, True):
       config = config_parsing.load_config(name, quick=quick)
-      for key in (
-        "dataset",
-        "num_steps",
-        "batch_size",
-        "learning_rate",
-        "optimizer",
-        "seed",
-        "eval_every",
-        "checkpoint_every",
-        "num_devices",
-        "criterion",
-      ):
+      for key in (*configs.COMMON_KEYS, "criterion"):
         assert key in config, (name, key)
       config_parsing.validate(name, config)
       if name != "train":

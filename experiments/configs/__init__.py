@@ -118,6 +118,20 @@ def help_text(name: str, key: str) -> str:
   return EXPERIMENT_HELP.get(name, {}).get(key) or HELP.get(key, "")
 
 
+# The keys every training config keeps: the runner and the CLI rely on them.
+COMMON_KEYS = (
+  "dataset",
+  "num_steps",
+  "batch_size",
+  "learning_rate",
+  "optimizer",
+  "seed",
+  "eval_every",
+  "checkpoint_every",
+  "num_devices",
+)
+
+
 def training_config(*, drop=(), **values) -> ml_collections.ConfigDict:
   """The keys every training config has, with defaults, updated with ``values``.
 
@@ -151,17 +165,7 @@ def training_config(*, drop=(), **values) -> ml_collections.ConfigDict:
       raise KeyError(f"training_config got unknown key {key!r}; valid keys: {sorted(config)}")
     config[key] = value
   for key in drop:
-    if key in (
-      "dataset",
-      "num_steps",
-      "batch_size",
-      "learning_rate",
-      "optimizer",
-      "seed",
-      "eval_every",
-      "checkpoint_every",
-      "num_devices",
-    ):
+    if key in COMMON_KEYS:
       raise KeyError(f"training_config cannot drop {key!r}: every training config has it")
     del config[key]
   return config
