@@ -550,9 +550,15 @@ def corrected_tests(pairs: dict, *, confidence: float = 0.95) -> dict:
   return tests
 
 
-def fmt_ci(ci: dict, scale: float = 100.0, digits: int = 2) -> str:
-  """``+m [+lo, +hi]`` (points when ``scale`` is 100)."""
-  return f"{scale * ci['mean']:+.{digits}f} [{scale * ci['low']:+.{digits}f}, {scale * ci['high']:+.{digits}f}]"
+def fmt_ci(ci: dict, scale: float = 100.0, digits: int = 2, *, sign: bool = True) -> str:
+  """``+m [+lo, +hi]`` (points or percent when ``scale`` is 100); ``sign=False`` drops the ``+``."""
+  spec = f"{'+' if sign else ''}.{digits}f"
+  return f"{scale * ci['mean']:{spec}} [{scale * ci['low']:{spec}}, {scale * ci['high']:{spec}}]"
+
+
+def fmt_mean_ci(values, confidence: float) -> str:
+  """A percentage's mean and confidence interval over seeds, ``m [lo, hi]`` to one decimal."""
+  return fmt_ci(mean_ci(values, confidence=confidence), digits=1, sign=False)
 
 
 def first_step_reaching(steps, values, target: float) -> float:

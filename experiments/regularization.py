@@ -149,11 +149,6 @@ def run(config, run) -> Result:
   )
 
 
-def _ci(values, conf):
-  ci = common.mean_ci(values, confidence=conf)
-  return f"{100 * ci['mean']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
-
-
 def _tables(config, metrics) -> list:
   conf = config.criterion.confidence
   small = Table(
@@ -163,9 +158,9 @@ def _tables(config, metrics) -> list:
     [
       [
         arm,
-        _ci(metrics["train_accuracy"][arm], conf),
-        _ci(metrics["test_accuracy"][arm], conf),
-        _ci(metrics["gap"][arm], conf),
+        common.fmt_mean_ci(metrics["train_accuracy"][arm], conf),
+        common.fmt_mean_ci(metrics["test_accuracy"][arm], conf),
+        common.fmt_mean_ci(metrics["gap"][arm], conf),
         common.fmt_ci(common.paired_ci(metrics["gap"]["none"], metrics["gap"][arm], confidence=conf)),
       ]
       for arm in ARMS
@@ -178,8 +173,8 @@ def _tables(config, metrics) -> list:
     [
       [
         k,
-        _ci(metrics["ghost_train_accuracy"][k], conf),
-        _ci(metrics["ghost_test_accuracy"][k], conf),
+        common.fmt_mean_ci(metrics["ghost_train_accuracy"][k], conf),
+        common.fmt_mean_ci(metrics["ghost_test_accuracy"][k], conf),
         common.fmt_ci(common.paired_ci(metrics["ghost_test_accuracy"][k], full, confidence=conf)),
       ]
       for k in metrics["ghost_test_accuracy"]

@@ -369,11 +369,6 @@ def run(config, run) -> Result:
   )
 
 
-def _ci_text(values, conf):
-  ci = common.mean_ci(values, confidence=conf)
-  return f"{100 * ci['mean']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
-
-
 def _tables(config, metrics) -> list:
   conf = config.criterion.confidence
   batches = [str(b) for b in config.batch_sizes]
@@ -381,12 +376,12 @@ def _tables(config, metrics) -> list:
     f"test accuracy % (inference mode), mean [{conf:.0%} CI] over {config.num_seeds} seeds; MLP "
     f"{tuple(config.hidden)}, {config.num_steps} steps, {config.lr_rule} lr rule",
     ["batch", *ARMS],
-    [[b, *(_ci_text(metrics["test_accuracy"][a][b], conf) for a in ARMS)] for b in batches],
+    [[b, *(common.fmt_mean_ci(metrics["test_accuracy"][a][b], conf) for a in ARMS)] for b in batches],
   )
   gap = Table(
     f"training-mode minus inference-mode test accuracy, points, mean [{conf:.0%} CI]",
     ["batch", *BN_FAMILY],
-    [[b, *(_ci_text(metrics["train_minus_eval_mode"][a][b], conf) for a in BN_FAMILY)] for b in batches],
+    [[b, *(common.fmt_mean_ci(metrics["train_minus_eval_mode"][a][b], conf) for a in BN_FAMILY)] for b in batches],
   )
   non = Table(
     f"non-i.i.d. batches ({config.classes_per_batch} classes each): test accuracy %, mean [{conf:.0%} CI]",
@@ -394,8 +389,8 @@ def _tables(config, metrics) -> list:
     [
       [
         str(b),
-        *(_ci_text(metrics["test_accuracy"][a][str(b)], conf) for a in NON_IID_ARMS),
-        *(_ci_text(metrics["non_iid_accuracy"][a][str(b)], conf) for a in NON_IID_ARMS),
+        *(common.fmt_mean_ci(metrics["test_accuracy"][a][str(b)], conf) for a in NON_IID_ARMS),
+        *(common.fmt_mean_ci(metrics["non_iid_accuracy"][a][str(b)], conf) for a in NON_IID_ARMS),
       ]
       for b in config.non_iid_batches
     ],
@@ -405,7 +400,7 @@ def _tables(config, metrics) -> list:
     f"learning-rate rule: test accuracy %, mean [{conf:.0%} CI]",
     ["batch", *(f"{a} {r}" for a in config.rule_arms for r in RULES)],
     [
-      [b, *(_ci_text(rule[r][a][b], conf) for a in config.rule_arms for r in RULES)]
+      [b, *(common.fmt_mean_ci(rule[r][a][b], conf) for a in config.rule_arms for r in RULES)]
       for b in batches
       if b in rule[RULES[0]][config.rule_arms[0]]
     ],
