@@ -421,15 +421,20 @@ def _set_kernel_and_bias(layer, kernel, bias) -> None:
     layer.bias[...] = bias
 
 
-def _fold_after(layer, norm, where: str) -> None:
-  """Folds `norm`, applied to `layer`'s output, into `layer`."""
+def _fold_into(layer, norm, where: str, fold) -> None:
+  """Replaces `layer`'s kernel and bias by `fold(kernel, bias, params, stats)` of `norm`'s variables."""
   params, stats = _norm_arrays(norm, where)
   bias = None if layer.bias is None else layer.bias[...]
   try:
-    kernel, bias = inference.fold_conv(layer.kernel[...], bias, params, stats, epsilon=norm.epsilon)
+    kernel, bias = fold(layer.kernel[...], bias, params, stats, epsilon=norm.epsilon)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from e
   _set_kernel_and_bias(layer, kernel, bias)
+
+
+def _fold_after(layer, norm, where: str) -> None:
+  """Folds `norm`, applied to `layer`'s output, into `layer`."""
+  _fold_into(layer, norm, where, inference.fold_conv)
 
 
 def _fold_before(norm, layer, where: str) -> None:
@@ -440,13 +445,7 @@ def _fold_before(norm, layer, where: str) -> None:
       "that is an nnx.Linear (a convolution's zero padding is not normalized, so the fold would be wrong at "
       "the borders)."
     )
-  params, stats = _norm_arrays(norm, where)
-  bias = None if layer.bias is None else layer.bias[...]
-  try:
-    kernel, bias = inference.fold_dense_input(layer.kernel[...], bias, params, stats, epsilon=norm.epsilon)
-  except ValueError as e:
-    raise ValueError(f"{where}: {e}") from e
-  _set_kernel_and_bias(layer, kernel, bias)
+  _fold_into(layer, norm, where, inference.fold_dense_input)
 
 
 def _fold_sequential(seq: nnx.Sequential, where: str) -> None:
