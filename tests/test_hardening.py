@@ -272,25 +272,18 @@ print("second", float(total(ones())), flush=True)
 """
 
 
+def launcher_command(path, *args: str, extra=()) -> list:
+  """Two processes of `python path args` under the launcher, bounded by --max-time."""
+  launch = [sys.executable, "-m", "experiments.launch", "--processes", "2", "--max-time", "110", *extra]
+  return [*launch, "--", sys.executable, str(path), *args]
+
+
 def run_launcher(tmp_path, script: str, *args: str, extra=()) -> tuple[subprocess.CompletedProcess, float]:
   path = tmp_path / "child.py"
   path.write_text(script)
   start = time.monotonic()
   result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.launch",
-      "--processes",
-      "2",
-      "--max-time",
-      "110",
-      *extra,
-      "--",
-      sys.executable,
-      str(path),
-      *args,
-    ],
+    launcher_command(path, *args, extra=extra),
     env=child_env(),
     capture_output=True,
     text=True,
@@ -418,19 +411,7 @@ def test_a_stop_signal_to_the_launcher_leaves_no_process_behind(tmp_path, signum
   script = tmp_path / "child.py"
   script.write_text(STOPPED_CHILD)
   launcher = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "experiments.launch",
-      "--processes",
-      "2",
-      "--max-time",
-      "110",
-      "--",
-      sys.executable,
-      str(script),
-      kind,
-    ],
+    launcher_command(script, kind),
     env=child_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
