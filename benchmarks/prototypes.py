@@ -189,7 +189,7 @@ def _build(stats_fn, **options):
     def forward(x, params, state):
       return _train(batch_norm, x, *params, *state, data.decay)
 
-    return ops.jax_prepared(  # pylint: disable=protected-access
+    return ops.jax_prepared(
       case,
       forward,
       x,
