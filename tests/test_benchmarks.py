@@ -78,7 +78,7 @@ def _wrong_forward(bug):
 
 def _wrong_implementation(bug):
   def build(case, data):
-    return ops.jax_prepared(  # pylint: disable=protected-access
+    return ops.jax_prepared(
       case,
       _wrong_forward(bug),
       jnp.asarray(data.x),
@@ -345,14 +345,14 @@ def test_combine_takes_medians_over_runs(tmp_path):
 
 def test_known_deviations_cover_only_their_arrays_and_never_bnjax():
   nhwc = ops.Case((64, 32, 32, 64), "bfloat16", "fwd_bwd")
-  assert ops.known_deviation(nhwc, "haiku", {"dbias", "dscale"})  # pylint: disable=protected-access
-  assert not ops.known_deviation(nhwc, "haiku", {"dbias", "dx"})  # pylint: disable=protected-access
+  assert ops.known_deviation(nhwc, "haiku", {"dbias", "dscale"})
+  assert not ops.known_deviation(nhwc, "haiku", {"dbias", "dx"})
   assert not ops.known_deviation(
     ops.Case((4096, 1024), "bfloat16", "fwd_bwd"),
-    "haiku",  # pylint: disable=protected-access
+    "haiku",
     {"dbias"},
   )
-  assert not ops.known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})  # pylint: disable=protected-access
+  assert not ops.known_deviation(nhwc._replace(dtype="float32"), "haiku", {"dbias"})
   assert all(deviation.implementation != "bnjax" for deviation in ops.KNOWN_DEVIATIONS)
 
 
