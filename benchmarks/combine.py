@@ -72,11 +72,21 @@ def combine_train(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       raise ValueError("combine: a run whose correctness checks failed cannot be combined; rerun it")
     for row in run["rows"]:
       grouped.setdefault((row["mode"], row["implementation"]), []).append(row)
+  train_columns = (
+    "median_ms",
+    "examples_per_s",
+    "x_flax",
+    "faults_per_call",
+    "compile_s",
+    "x_flax_compile",
+    "peak_bytes",
+    "x_flax_memory",
+  )
   combined = []
   for rows in grouped.values():
     row = dict(rows[0])
-    for column in ("median_ms", "examples_per_s", "x_flax", "faults_per_call", "compile_s"):
-      row[column] = _median([r[column] for r in rows])
+    for column in train_columns:
+      row[column] = _median([r.get(column) for r in rows])  # .get: runs from before a column existed
     row["p25_ms"] = row["p75_ms"] = None
     row["rounds"] = sum(r["rounds"] for r in rows)
     errors = [r["max_error"] for r in rows if r["max_error"] is not None]
@@ -151,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = combine_train(runs)
     info = dict(runs[0]["machine"], command=" ".join(["python -m benchmarks.combine"] + list(args.runs)))
-    print(f"Medians over {len(runs)} runs.\n" + train.render(rows, info, runs[0]["layers"]))
+    markdown = train.render(rows, info, runs[0]["layers"], runs[0].get("model", "mlp"))
+    print(f"Medians over {len(runs)} runs.\n" + markdown)
     return 0
   rows = combine(runs)
   if args.summary:

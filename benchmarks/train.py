@@ -1,12 +1,21 @@
-"""Training-step benchmark: an MLP with batch norm, bnjax layers against flax.linen layers.
+"""Training-step benchmark: an MLP or a small CNN with batch norm, bnjax layers against flax.linen layers.
 
-  python -m benchmarks.train [--quick] [--out DIR] [--batch-size N] [--rounds N] [--modes M,...]
-                             [--platform cpu|cuda|rocm|tpu] [--devices N] [--prototypes]
+  python -m benchmarks.train [--quick] [--out DIR] [--model mlp|cnn] [--batch-size N] [--rounds N]
+                             [--compile-rounds N] [--modes M,...] [--platform cpu|cuda|rocm|tpu] [--devices N]
+                             [--prototypes]
 
-The model is Dense -> BatchNorm -> ReLU per hidden layer (784-1024-1024-1024-10 by default), trained with
-softmax cross-entropy and Optax SGD with momentum; the training state is donated to the step. Only the batch
-norm layer class differs between the two arms (`bnjax.nn.BatchNorm` is a drop-in for `flax.linen.BatchNorm`,
-same arguments and variables), so both start from the very same parameters.
+Two models (`--model`), both trained with softmax cross-entropy and Optax SGD with momentum, the training
+state donated to the step:
+  mlp (default)  Dense (no bias) -> BatchNorm -> ReLU per hidden layer, 784-1024-1024-1024-10
+                 (--quick: 64-32-32-10);
+  cnn            a ResNet-style CNN on NHWC images, 32x32x3 (--quick: 8x8x3): a 3x3 stem conv (no bias) of 16
+                 channels (--quick: 4) -> BatchNorm -> ReLU, then one residual block per stage of 16, 32 and 64
+                 channels (--quick: one stage of 8), conv3x3 -> BatchNorm -> ReLU -> conv3x3 -> BatchNorm, added
+                 to the input (through a 1x1 conv -> BatchNorm where the channels or the stride change; stride 2
+                 from the second stage on) -> ReLU, then a global average pool and a Dense classifier of 10
+                 classes; 9 batch norms (--quick: 4).
+Only the batch norm layer class differs between the two arms (`bnjax.nn.BatchNorm` is a drop-in for
+`flax.linen.BatchNorm`, same arguments and variables), so both start from the very same parameters.
 
 Three ways of running a step:
   1 device       jax.jit on one device;
@@ -26,6 +35,15 @@ compared with a plain one-device flax.linen step on the same global batch, compu
 a mismatch is reported loudly and makes the process exit with status 1. Timing follows
 `benchmarks._harness` (warm-up, interleaved random-order rounds, medians); throughput is examples per second
 of the global batch.
+
+Compile time (`compile_s`) is the median over --compile-rounds interleaved rounds (default 3, --quick 1) of
+tracing, lowering and XLA-compiling a freshly built step, in the worker after its reference step has compiled
+(so no arm pays the process's first compilation). Peak memory (`peak_bytes`) is what XLA's buffer assignment
+reserves on one device for one step, from the compiled step's `memory_analysis()`: arguments + outputs -
+aliased (the donated state) + temporaries; per device in the N-device modes. It is a static figure of the
+executable, the same on every platform, unlike `memory_stats()["peak_bytes_in_use"]`, which is process-wide
+and cannot be reset. Every `x flax.linen` ratio is to flax.linen in the same mode (below 1: bnjax is faster,
+smaller).
 """
 
 import argparse
@@ -44,6 +62,10 @@ from benchmarks import _harness
 
 FULL_LAYERS = (784, 1024, 1024, 1024, 10)
 QUICK_LAYERS = (64, 32, 32, 10)
+# The CNN's sizes: image height, width and channels, the stem's channels, each stage's channels, classes.
+FULL_CNN = (32, 32, 3, 16, 16, 32, 64, 10)
+QUICK_CNN = (8, 8, 3, 4, 8, 10)
+MODELS = ("mlp", "cnn")
 MODES = ("1 device", "shard_map", "sharded jit")
 IMPLEMENTATIONS = ("bnjax", "flax.linen")  # the keys of layer_classes()
 DEFAULT_HOST_DEVICES = 8
@@ -84,9 +106,25 @@ def _skip_reason(mode: str, name: str, devices: int) -> str | None:
   return None
 
 
-def make_model(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | None):
-  """Dense(no bias) -> norm -> relu for each hidden size, then a Dense classifier."""
+def model_sizes(model: str, quick: bool) -> tuple[int, ...]:
+  """The `layers` of `model` (see make_model)."""
+  if model == "cnn":
+    return QUICK_CNN if quick else FULL_CNN
+  return QUICK_LAYERS if quick else FULL_LAYERS
+
+
+def input_shape(sizes: Sequence[int], model: str = "mlp") -> tuple[int, ...]:
+  """One example's shape."""
+  return tuple(sizes[:3]) if model == "cnn" else (sizes[0],)
+
+
+def make_model(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | None, model: str = "mlp"):
+  """The mlp: Dense(no bias) -> norm -> relu for each hidden size, then a Dense classifier; the cnn: see
+  make_cnn."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  if model == "cnn":
+    return make_cnn(sizes, norm, axis_name)
 
   class MLP(nn.Module):
     @nn.compact
@@ -98,6 +136,32 @@ def make_model(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | 
       return nn.Dense(sizes[-1])(x)
 
   return MLP()
+
+
+def make_cnn(sizes: Sequence[int], norm: Callable[..., Any], axis_name: str | None):
+  """A ResNet-style CNN on NHWC images of `sizes[:3]`: a conv3x3 stem of `sizes[3]` channels, one residual
+  block per stage width `sizes[4:-1]` (stride 2 from the second), global average pool, Dense(`sizes[-1]`)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  stem, widths, classes = sizes[3], sizes[4:-1], sizes[-1]
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      def conv_norm(x, features, kernel=3, strides=1):  # the norm's bias makes a conv bias redundant
+        x = nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", use_bias=False)(x)
+        return norm(use_running_average=not train, momentum=MOMENTUM, epsilon=1e-5, axis_name=axis_name)(x)
+
+      x = nn.relu(conv_norm(x, stem))
+      for stage, features in enumerate(widths):
+        strides = 1 if stage == 0 else 2
+        y = conv_norm(nn.relu(conv_norm(x, features, strides=strides)), features)
+        if strides != 1 or x.shape[-1] != features:
+          x = conv_norm(x, features, kernel=1, strides=strides)
+        x = nn.relu(x + y)
+      return nn.Dense(classes)(x.mean(axis=(1, 2)))
+
+  return CNN()
 
 
 class TrainState(NamedTuple):
@@ -205,6 +269,28 @@ class Row:
   max_error: float | None = None
   worst_leaf: str | None = None
   error: str | None = None
+  x_flax_compile: float | None = None  # compile time ratio to flax.linen in the same mode
+  peak_bytes: int | None = None  # XLA's buffer assignment for one step on one device (see the module docstring)
+  x_flax_memory: float | None = None  # peak_bytes ratio to flax.linen in the same mode
+
+
+def _compile(step, *args) -> Any:
+  """The compiled `step` for `args` (its memory_analysis() is the executable's)."""
+  return step.lower(*args).compile()
+
+
+def peak_bytes(compiled) -> int | None:
+  """Arguments + outputs - aliased + temporaries of one device's buffer assignment, or None if unknown."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return (
+    stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+  )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return None if a is None or not b else a / b
 
 
 def run_worker(
@@ -217,6 +303,8 @@ def run_worker(
   seed: int = 0,
   classes: dict[str, Callable[..., Any]] | None = None,
   devices: int | None = None,
+  model: str = "mlp",
+  compile_rounds: int = 1,
 ) -> list[dict[str, Any]]:
   """Checks and times every (layer class, mode) on this process's devices (the N-device modes on the first
   `devices` of them, default all); returns Row dicts."""
@@ -229,14 +317,19 @@ def run_worker(
   mesh_devices = jax.devices()[:devices]
   tx = optax.sgd(LEARNING_RATE, momentum=0.9)
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((batch_size, layers[0]), dtype=np.float32))
+  x = jnp.asarray(rng.standard_normal((batch_size, *input_shape(layers, model)), dtype=np.float32))
   labels = jnp.asarray(rng.integers(0, layers[-1], batch_size), jnp.int32)
-  baseline_model = make_model(layers, classes[BASELINE], None)
-  variables = baseline_model.init(jax.random.key(seed), x[:2], train=False)
+  baseline_model = make_model(layers, classes[BASELINE], None, model)
+  # Jitted: run eagerly, a CNN's init and optimizer state compile dozens of one-op programs.
+  variables = jax.jit(lambda key, x: baseline_model.init(key, x, train=False))(jax.random.key(seed), x[:2])
 
-  def fresh_state():
+  @jax.jit
+  def fresh_state_jit(variables):
     params = jax.tree.map(jnp.copy, variables["params"])
     return TrainState(params, jax.tree.map(jnp.copy, variables["batch_stats"]), tx.init(params))
+
+  def fresh_state():
+    return fresh_state_jit(variables)
 
   # The reference: one plain one-device flax.linen step on the whole batch. The checked steps multiply in full
   # float32 precision (GPUs default to TF32, which would hide the layers' differences under the matmuls'); the
@@ -246,7 +339,7 @@ def run_worker(
   with check_precision:
     reference = jax.device_get(reference_step(fresh_state(), x, labels))
 
-  rows, calls = {}, {}
+  rows, builds, steps = {}, {}, {}
   for mode in modes:
     for name, norm in classes.items():
       key = f"{name} | {mode}"
@@ -262,32 +355,51 @@ def run_worker(
       if skip:
         row.check, row.error = "skipped", skip
         continue
-      try:
-        step, (state, xs, ys) = compile_step(
+
+      def build(mode=mode, norm=norm):  # a fresh step each time, so no compilation cache is hit
+        return compile_step(
           mode,
-          lambda axis_name, norm=norm: make_model(layers, norm, axis_name),
+          lambda axis_name: make_model(layers, norm, axis_name, model),
           tx,
           fresh_state(),
           x,
           labels,
           mesh_devices,
         )
-        row.compile_s = _harness.compile_seconds(step, state, xs, ys)
+
+      try:
+        step, (state, xs, ys) = build()
         with check_precision:
           state, loss = step(state, xs, ys)
         errors = _relative_errors(jax.device_get((state, loss)), reference)
         worst = max(errors, key=errors.get)
         row.max_error, row.worst_leaf = errors[worst], worst
         row.check = "pass" if errors[worst] <= TOLERANCE else "FAIL"
-        holder = {"state": state}
-
-        def call(step=step, holder=holder, xs=xs, ys=ys):
-          holder["state"], loss = step(holder["state"], xs, ys)
-          jax.block_until_ready(loss)
-
-        calls[key] = call
+        builds[key], steps[key] = build, {"state": state, "xs": xs, "ys": ys}
       except Exception as error:  # pylint: disable=broad-except
         row.check, row.error = "ERROR", f"{type(error).__name__}: {error}"
+
+  # Compile time: fresh steps compiled in interleaved rounds; the last compiled executable is the one timed.
+  built = {}
+  setups = {key: lambda key=key: built.__setitem__(key, builds[key]()) for key in builds}
+  compile_calls = {
+    key: lambda key=key: steps[key].__setitem__("compiled", _compile(built[key][0], *built[key][1])) for key in builds
+  }
+  compile_samples = _harness.round_robin(
+    compile_calls, rounds=max(compile_rounds, 1), warmup=0, seed=seed, setups=setups
+  )
+  built.clear()
+  calls = {}
+  for key, holder in steps.items():
+    row = rows[key]
+    row.compile_s = compile_samples[key].median_s
+    row.peak_bytes = peak_bytes(holder["compiled"])
+
+    def call(holder=holder):
+      holder["state"], loss = holder["compiled"](holder["state"], holder["xs"], holder["ys"])
+      jax.block_until_ready(loss)
+
+    calls[key] = call
   samples = _harness.round_robin(calls, rounds=rounds, warmup=warmup, seed=seed)
   for key, sample in samples.items():
     row = rows[key]
@@ -299,6 +411,8 @@ def run_worker(
     baseline = f"{BASELINE} | {row.mode}"
     if baseline in samples:
       row.x_flax = _harness.median_ratio(sample, samples[baseline])
+      row.x_flax_compile = _harness.median_ratio(compile_samples[key], compile_samples[baseline])
+      row.x_flax_memory = _ratio(row.peak_bytes, rows[baseline].peak_bytes)
   return [dataclasses.asdict(row) for row in rows.values()]
 
 
@@ -328,6 +442,10 @@ def _spawn_worker(modes: Sequence[str], args: argparse.Namespace, host_devices: 
       str(args.seed),
       "--platform",
       args.platform,
+      "--model",
+      args.model,
+      "--compile-rounds",
+      str(args.compile_rounds),
     ]
     if args.devices is not None:
       command += ["--devices", str(args.devices)]
@@ -370,11 +488,26 @@ HEADERS = (
   "x flax.linen (time)",
   "faults/step",
   "compile s",
+  "x flax.linen (compile)",
+  "peak MiB",
+  "x flax.linen (memory)",
   "check (max rel err)",
 )
 
 
-def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequence[int]) -> str:
+def describe(model: str, layers: Sequence[int]) -> str:
+  """The report's one-line description of the model."""
+  if model == "cnn":
+    height, width, channels, stem, *widths, classes = layers
+    return (
+      f"ResNet-style CNN, NHWC {height}x{width}x{channels} input, conv3x3 stem {stem}, one residual block "
+      f"per stage of {'-'.join(map(str, widths))} channels (stride 2 from the second, 1x1 projection), "
+      f"conv -> BatchNorm -> ReLU, global average pool, Dense {classes}"
+    )
+  return f"MLP {'-'.join(map(str, layers))}, Dense -> BatchNorm -> ReLU"
+
+
+def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequence[int], model: str = "mlp") -> str:
   def cells(row):
     spread = "-" if row["p25_ms"] is None else f"{row['p25_ms']:.2f}-{row['p75_ms']:.2f}"
     check = row["check"] if row["max_error"] is None else f"{row['check']} ({row['max_error']:.1e})"
@@ -391,13 +524,16 @@ def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequenc
       _harness.fmt_ratio(row["x_flax"]),
       "-" if row["faults_per_call"] is None else f"{row['faults_per_call']:.0f}",
       "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}",
+      _harness.fmt_ratio(row.get("x_flax_compile")),
+      "-" if row.get("peak_bytes") is None else f"{row['peak_bytes'] / 2**20:.1f}",
+      _harness.fmt_ratio(row.get("x_flax_memory")),
       check,
     ]
 
   lines = [
     f"Machine: {_harness.machine_line(info)}",
     f"Command: `{info['command']}`",
-    f"Model: MLP {'-'.join(map(str, layers))}, Dense -> BatchNorm -> ReLU, SGD momentum 0.9, donated state",
+    f"Model: {describe(model, layers)}; SGD momentum 0.9, donated state",
     "",
     _harness.markdown_table(HEADERS, [cells(row) for row in rows]),
   ]
@@ -413,10 +549,14 @@ def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], layers: Sequenc
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="a tiny MLP and few rounds: correctness in seconds")
+  parser.add_argument("--quick", action="store_true", help="a tiny model and few rounds: correctness in seconds")
+  parser.add_argument("--model", choices=MODELS, default="mlp", help="mlp (the default) or cnn")
   parser.add_argument("--out", default=os.path.join("benchmarks", "out", "train"))
   parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 256; quick 64)")
   parser.add_argument("--rounds", type=int, default=None, help="timed steps per configuration (default 31)")
+  parser.add_argument(
+    "--compile-rounds", type=int, default=None, help="fresh compilations per configuration (default 3; quick 1)"
+  )
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
@@ -440,16 +580,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.error(f"--devices must be at least 1, got {args.devices}")
   args.batch_size = args.batch_size or (64 if args.quick else 256)
   args.rounds = args.rounds or (3 if args.quick else 31)
+  args.compile_rounds = args.compile_rounds or (1 if args.quick else 3)
   unknown = set(args.modes.split(",")) - set(MODES)
   if unknown:
     parser.error(f"--modes: unknown {sorted(unknown)}, expected some of {list(MODES)}")
   return args
 
 
+def targets(rows: Sequence[dict[str, Any]], model: str = "mlp") -> list[dict[str, Any]]:
+  """bnjax's verdicts against flax.linen per mode: throughput; for the CNN also peak memory and compile time."""
+  columns = {"training throughput >= flax.linen": "x_flax"}  # a time ratio: <= 1 is throughput >= flax's
+  if model == "cnn":
+    columns = {
+      "cnn training throughput >= flax.linen": "x_flax",
+      "cnn peak memory <= flax.linen": "x_flax_memory",
+      "cnn compile time <= flax.linen": "x_flax_compile",
+    }
+  return [
+    {
+      "target": target,
+      "implementation": row["implementation"],
+      "mode": row["mode"],
+      "ratio": row.get(column),
+      "met": row.get(column) is not None and row[column] <= 1.0,
+    }
+    for target, column in columns.items()
+    for row in rows
+    if row["implementation"] in IMPLEMENTATIONS and row["implementation"] != BASELINE and row["check"] != "skipped"
+  ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs every mode in worker processes; returns 0, or 1 if any configuration failed its check."""
   args = parse_args(argv)
-  layers = QUICK_LAYERS if args.quick else FULL_LAYERS
+  layers = model_sizes(args.model, args.quick)
   modes = args.modes.split(",")
   if args.worker:
     rows = run_worker(
@@ -461,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       seed=args.seed,
       classes=layer_classes(args.prototypes),
       devices=args.devices,
+      model=args.model,
+      compile_rounds=args.compile_rounds,
     )
     with open(args.worker, "w") as f:
       json.dump({"rows": rows, "device": _harness.jax_device()}, f)
@@ -477,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for worker in workers:
     info.update(worker["device"])  # the platform and device kind the steps ran on
   info["load_average_end"] = os.getloadavg()
-  markdown = render(rows, info, layers)
+  markdown = render(rows, info, layers, args.model)
   print(markdown)
   failed = any(row["check"] in ("FAIL", "ERROR") for row in rows)
   for row in rows:
@@ -487,27 +653,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{row['error'] or row['worst_leaf']} {row['max_error']}",
         file=sys.stderr,
       )
-  verdicts = [
-    {
-      "target": "training throughput >= flax.linen",
-      "implementation": row["implementation"],
-      "mode": row["mode"],
-      "ratio": row["x_flax"],
-      "met": row["x_flax"] is not None and row["x_flax"] <= 1.0,
-    }
-    for row in rows
-    if row["implementation"] in IMPLEMENTATIONS and row["implementation"] != BASELINE and row["check"] != "skipped"
-  ]
   payload = {
     "benchmark": "train",
+    "model": args.model,
     "quick": args.quick,
     "rounds": args.rounds,
+    "compile_rounds": args.compile_rounds,
     "layers": list(layers),
     "batch_size": args.batch_size,
     "machine": info,
     "tolerance": TOLERANCE,
     "rows": rows,
-    "targets": verdicts,
+    "targets": targets(rows, args.model),
     "all_checks_passed": not failed,
   }
   _harness.write_results(args.out, payload, markdown)

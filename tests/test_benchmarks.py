@@ -183,6 +183,25 @@ def test_train_quick_every_configuration_runs_and_passes(tmp_path):
   assert status == 0 and results["all_checks_passed"]
 
 
+def test_train_quick_cnn_every_configuration_runs_and_passes(tmp_path):
+  status = train.main(["--quick", "--model", "cnn", "--out", str(tmp_path)])
+  results = _load(tmp_path)
+  rows = results["rows"]
+  assert {(row["mode"], row["implementation"]) for row in rows} == {
+    (mode, name) for mode in train.MODES for name in train.IMPLEMENTATIONS
+  }
+  assert all(row["check"] == "pass" for row in rows), [(r["mode"], r["implementation"], r["error"]) for r in rows]
+  assert all(row["peak_bytes"] > 0 and row["compile_s"] > 0 and row["examples_per_s"] > 0 for row in rows)
+  assert all(row["x_flax_memory"] > 0 and row["x_flax_compile"] > 0 for row in rows)
+  assert results["model"] == "cnn" and results["layers"] == list(train.QUICK_CNN)
+  names = ("cnn training throughput >= flax.linen", "cnn peak memory <= flax.linen", "cnn compile time <= flax.linen")
+  assert sorted((t["target"], t["mode"], t["implementation"]) for t in results["targets"]) == sorted(
+    (name, mode, "bnjax") for name in names for mode in train.MODES
+  )
+  assert "ResNet-style CNN, NHWC 8x8x3" in (tmp_path / "results.md").read_text()
+  assert status == 0 and results["all_checks_passed"]
+
+
 def test_train_prototype_layers_and_modes_without_enough_devices(tmp_path):
   status = train.main(
     ["--quick", "--prototypes", "--modes", "1 device,shard_map", "--devices", "1", "--out", str(tmp_path)]
@@ -247,7 +266,7 @@ def test_prototype_layer_matches_flax_and_refuses_an_axis_name():
       layer_class(axis_name="batch").init(jax.random.key(1), x)
 
 
-def test_train_check_fails_a_wrong_layer():
+def _constant_statistics_batch_norm():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   class BatchNorm(nn.BatchNorm):  # flax's fields and name, so its variables get the same paths
@@ -256,30 +275,51 @@ def test_train_check_fails_a_wrong_layer():
 
     @nn.compact
     def __call__(self, x):
-      features = (x.shape[-1],)
+      features, axes = (x.shape[-1],), tuple(range(x.ndim - 1))
       scale = self.param("scale", nn.initializers.ones, features)
       bias = self.param("bias", nn.initializers.zeros, features)
       running_mean = self.variable("batch_stats", "mean", jnp.zeros, features)
       running_var = self.variable("batch_stats", "var", jnp.ones, features)
-      mean = jax.lax.stop_gradient(x.mean(0))
-      var = jax.lax.stop_gradient(x.var(0))
+      mean = jax.lax.stop_gradient(x.mean(axes))
+      var = jax.lax.stop_gradient(x.var(axes))
       if not self.is_initializing():
         running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
         running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
       return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
+  return {train.BASELINE: nn.BatchNorm, "wrong": BatchNorm}
+
+
+def test_train_check_fails_a_wrong_layer():
   rows = train.run_worker(
     ["1 device"],
     layers=train.QUICK_LAYERS,
     batch_size=16,
     rounds=1,
     warmup=0,
-    classes={train.BASELINE: nn.BatchNorm, "wrong": BatchNorm},
+    classes=_constant_statistics_batch_norm(),
   )
   checks = {row["implementation"]: row["check"] for row in rows}
   assert checks == {train.BASELINE: "pass", "wrong": "FAIL"}, [row["error"] for row in rows]
   wrong = next(row for row in rows if row["implementation"] == "wrong")
   assert wrong["worst_leaf"].startswith("[0]")  # caught in the updated state (gradients), not the loss
+
+
+def test_train_check_fails_a_wrong_layer_in_the_cnn():
+  rows = train.run_worker(
+    ["1 device"],
+    layers=train.QUICK_CNN,
+    batch_size=16,
+    rounds=1,
+    warmup=0,
+    classes=_constant_statistics_batch_norm(),
+    model="cnn",
+  )
+  checks = {row["implementation"]: row["check"] for row in rows}
+  assert checks == {train.BASELINE: "pass", "wrong": "FAIL"}, [row["error"] for row in rows]
+  wrong = next(row for row in rows if row["implementation"] == "wrong")
+  assert wrong["worst_leaf"].startswith("[0]")  # caught in the updated state (gradients), not the loss
+  assert all(row["peak_bytes"] > 0 and row["compile_s"] > 0 for row in rows)
 
 
 def test_hlo_anatomy_counts_passes_and_temporaries():
@@ -373,12 +413,14 @@ def test_combine_train_takes_medians_over_runs():
         rounds=3,
         check="pass",
         max_error=1e-7,
+        peak_bytes=int(ms * 1000),
       )
     )
     return {"all_checks_passed": True, "rows": [row]}
 
   (row,) = combine.combine_train([run(1.0, 0.9), run(4.0, 1.2), run(2.0, 1.0)])
   assert (row["median_ms"], row["examples_per_s"], row["x_flax"], row["rounds"]) == (2.0, 4e3, 1.0, 9)
+  assert (row["peak_bytes"], row["x_flax_memory"]) == (2000, None)
 
 
 def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
