@@ -8,9 +8,12 @@
 #    optimised-HLO anatomy of the forward and forward+backward (kernels, passes over memory);
 # 4. the training step on the GPU at two batch sizes, bnjax and flax.linen layers against the prototypes'
 #    (the guarded one-pass layer's lax.cond is a host round trip per layer that only a whole step shows);
-# 5. the test suite's single-device tests on the GPU (tests needing 8 devices skip themselves).
+# 5. the training step of a small ResNet-style CNN (NHWC, batch 256), bnjax against flax.linen layers: examples
+#    per second, peak device memory and compile time;
+# 6. the test suite's single-device tests on the GPU (tests needing 8 devices skip themselves).
 # Each step writes its log to OUT_DIR and a failed step does not stop the later ones. GPU_ONLY, GPU_SHAPES,
-# HLO_SHAPE, TRAIN_BATCHES and the *_TIMEOUT variables narrow a run.
+# HLO_SHAPE, TRAIN_BATCHES and the *_TIMEOUT variables narrow a run; JAX_PLATFORMS=cpu runs the steps on the CPU
+# (slowly at the GPU sizes).
 set -u
 out=${1:-benchmarks/out/gpu}
 mkdir -p "$out"
@@ -42,6 +45,9 @@ for batch in ${TRAIN_BATCHES:-256 4096}; do
   timeout "${TRAIN_TIMEOUT:-90}" "$python" -m benchmarks.train --platform "$JAX_PLATFORMS" --prototypes \
     --batch-size "$batch" --out "$out/train_$batch" 2>&1 | tee "$out/train_$batch.log"
 done
+
+timeout "${TRAIN_CNN_TIMEOUT:-180}" "$python" -m benchmarks.train --model cnn --platform "$JAX_PLATFORMS" \
+  --batch-size 256 --out "$out/train_cnn" 2>&1 | tee "$out/train_cnn.log"
 
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
   -n "${TEST_WORKERS:-8}" --continue-on-collection-errors tests --ignore tests/test_docs.py --ignore tests/test_benchmarks.py \
