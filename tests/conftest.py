@@ -30,3 +30,18 @@ def pytest_runtest_setup(item):
         f"needs {needed} devices, {jax.device_count()} {jax.default_backend()} device(s) here; "
         "on the CPU (the default) conftest.py provides 8"
       )
+
+
+@pytest.fixture(params=["platform", "one-pass"])
+def formulation(request, monkeypatch):
+  """The exact variance as the platform lowers it, and (on the CPU) the GPU/TPU one-pass form in its place."""
+  if request.param == "one-pass":
+    from bnjax._src import moments  # pylint: disable=g-import-not-at-top
+
+    two_pass = moments.two_pass_moments
+    monkeypatch.setattr(
+      moments,
+      "two_pass_moments",
+      lambda x, mask, spec: two_pass(x, mask, spec) if mask is not None else moments.shifted_moments(x, spec),
+    )
+  return request.param

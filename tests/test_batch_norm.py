@@ -53,6 +53,7 @@ def _vjp(x, params, stats, dy, **kw):
   return y, new_stats, dx, dparams
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 def test_train_matches_numpy_reference(shape, axis):
   x, dy, gamma, beta, axes = _inputs(shape, axis)
@@ -69,6 +70,7 @@ def test_train_matches_numpy_reference(shape, axis):
   assert y.dtype == x.dtype and y.shape == x.shape
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:4])
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_running_statistics_over_five_steps_then_eval(shape, axis, unbiased):
@@ -151,6 +153,7 @@ def test_mask_all_false_leaves_running_statistics():
   assert new_stats.mean[1] == stats.mean[1] and new_stats.mean[0] != stats.mean[0]
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("dtype,atol", [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])
 def test_low_precision_inputs_accumulate_in_float32(dtype, atol):
   x, dy, gamma, beta, axes = _inputs((256, 8), -1, loc=50.0, scale=3.0)
@@ -170,6 +173,7 @@ def test_low_precision_inputs_accumulate_in_float32(dtype, atol):
   np.testing.assert_allclose(np.asarray(dx, np.float32), want["dx"], atol=atol * 4, rtol=atol * 4)
 
 
+@pytest.mark.usefixtures("formulation")
 def test_variance_is_exact_when_the_mean_dwarfs_the_spread():
   x = 1e4 + jax.random.normal(jax.random.key(0), (4096, 4))
   params, stats = bnjax.init(4)
@@ -182,6 +186,7 @@ def test_variance_is_exact_when_the_mean_dwarfs_the_spread():
 @pytest.mark.parametrize(
   "kw", [{}, {"mask": np.arange(36).reshape(12, 3) % 4 > 0}, {"virtual_batch_size": 4}, {"axis": (0, 2)}]
 )
+@pytest.mark.usefixtures("formulation")
 def test_derivatives_to_second_order_forward_and_reverse(kw):
   with jax.enable_x64(True):
     shape = (12, 3, 2)
@@ -201,6 +206,7 @@ def test_derivatives_to_second_order_forward_and_reverse(kw):
     jax.test_util.check_grads(f, (x, scale, bias), order=2, modes=("fwd", "rev"))
 
 
+@pytest.mark.usefixtures("formulation")
 def test_custom_rule_agrees_with_plain_autodiff_of_the_formula():
   x, dy, gamma, beta, _ = _inputs((16, 5), -1)
   _, stats = bnjax.init(5)
@@ -237,6 +243,7 @@ def test_no_scale_no_bias():
   assert dparams.scale is None and dparams.bias is None
 
 
+@pytest.mark.usefixtures("formulation")
 def test_vmap_over_an_ensemble_keeps_members_apart():
   members = 3
   xs = jax.random.normal(jax.random.key(0), (members, 16, 4)) * jnp.arange(1, 4)[:, None, None]
@@ -279,6 +286,7 @@ def test_running_rules():
   np.testing.assert_allclose(s_deb.mean, (weights[:, None] * means).sum(0) / weights.sum(), rtol=1e-5)
 
 
+@pytest.mark.usefixtures("formulation")
 def test_virtual_batches_normalize_each_group_alone():
   x, _, gamma, beta, axes = _inputs((12, 3), -1)
   params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
@@ -289,6 +297,7 @@ def test_virtual_batches_normalize_each_group_alone():
   np.testing.assert_allclose(new_stats.mean, 0.01 * np.mean([g["mean"] for g in groups], 0), atol=1e-6)
 
 
+@pytest.mark.usefixtures("formulation")
 def test_moments_and_normalize_are_the_pieces_of_train_mode():
   x, _, gamma, beta, _ = _inputs((4, 6, 5, 3), 1)
   params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
@@ -326,6 +335,7 @@ def test_property_random_shapes_axes_and_masks(data):
   np.testing.assert_allclose(new_stats.mean, 0.01 * want["mean"], atol=1e-5)
 
 
+@pytest.mark.usefixtures("formulation")
 def test_low_precision_forward_mode_matches_float32():
   x, dy, gamma, beta, _ = _inputs((64, 4), -1, loc=20.0)
   params = bnjax.BatchNormParams(jnp.asarray(gamma), jnp.asarray(beta))
@@ -358,6 +368,7 @@ def test_per_element_mask_each_feature_over_its_own_values(shape, axis):
     np.testing.assert_allclose(new_stats.mean[j], 0.99 * 0 + 0.01 * want["mean"][0], rtol=1e-5)
 
 
+@pytest.mark.usefixtures("formulation")
 def test_complex_input_complex_mean_real_variance_and_gradients():
   rng = np.random.default_rng(0)
   x = (rng.normal(1, 2, (12, 3)) + 1j * rng.normal(-1, 1, (12, 3))).astype(np.complex64)
@@ -384,6 +395,7 @@ def test_complex_input_complex_mean_real_variance_and_gradients():
   chex.assert_trees_all_close(got, want, atol=1e-5)
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("shape", [(8, 3), (8, 4, 3)])
 def test_per_example_vmap_with_axis_name_equals_the_batch(shape):
   x, dy, gamma, beta, _ = _inputs(shape, -1)
@@ -404,6 +416,7 @@ def test_per_example_vmap_with_axis_name_equals_the_batch(shape):
   chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], stats_v), stats0)
 
 
+@pytest.mark.usefixtures("formulation")
 def test_batch_of_one_is_refused_unless_allowed_and_then_gives_bias():
   params, stats = bnjax.init(3)
   params = params._replace(bias=jnp.arange(3.0))

@@ -57,6 +57,7 @@ def mesh():
   return jax.make_mesh((DEVICES,), ("batch",))
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.devices(DEVICES)
 def test_pmap_equals_one_device_on_the_global_batch():
   x, w = _data()
@@ -79,6 +80,7 @@ def test_pmap_equals_one_device_on_the_global_batch():
   chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], new_stats), stats0, atol=1e-6)
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.devices(DEVICES)
 def test_shard_map_equals_one_device_on_the_global_batch(mesh):
   x, w = _data()
@@ -103,6 +105,7 @@ def test_shard_map_equals_one_device_on_the_global_batch(mesh):
   _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.devices(DEVICES)
 def test_sharded_jit_needs_no_axis_name(mesh):
   x, w = _data()
@@ -115,6 +118,7 @@ def test_sharded_jit_needs_no_axis_name(mesh):
   _assert_matches_one_device((y, new_stats, dx, dparams), (y0, stats0, dx0, dparams0))
 
 
+@pytest.mark.usefixtures("formulation")
 def test_vmap_with_axis_name_syncs_the_mapped_axis():
   x, w = _data()
   params, stats = _params(6)
@@ -129,6 +133,7 @@ def test_vmap_with_axis_name_syncs_the_mapped_axis():
   chex.assert_trees_all_close(jax.tree.map(lambda s: s[0], new_stats), stats0, atol=1e-6)
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.devices(DEVICES)
 def test_axis_index_groups_equal_separate_runs():
   x, w = _data()
@@ -224,6 +229,7 @@ def test_per_device_statistics_must_be_asked_for_under_shard_map(mesh):
   np.testing.assert_allclose(np.asarray(y)[:8], y_first, atol=1e-5)
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.devices(DEVICES)
 def test_batch_of_one_per_device_counts_across_devices():
   params, stats = _params(3)
