@@ -46,7 +46,7 @@ for batch in ${TRAIN_BATCHES:-256 4096}; do
     --batch-size "$batch" --out "$out/train_$batch" 2>&1 | tee "$out/train_$batch.log"
 done
 
-timeout "${TRAIN_CNN_TIMEOUT:-180}" "$python" -m benchmarks.train --model cnn --platform "$JAX_PLATFORMS" \
+timeout "${TRAIN_CNN_TIMEOUT:-300}" "$python" -m benchmarks.train --model cnn --platform "$JAX_PLATFORMS" \
   --batch-size 256 --out "$out/train_cnn" 2>&1 | tee "$out/train_cnn.log"
 
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider \
