@@ -42,6 +42,8 @@ def formulation(request, monkeypatch):
     monkeypatch.setattr(
       moments,
       "two_pass_moments",
-      lambda x, mask, spec: two_pass(x, mask, spec) if mask is not None else moments.shifted_moments(x, spec),
+      lambda x, mask, spec: (
+        two_pass(x, mask, spec) if mask is not None else moments.shifted_moments(x, spec, separate_uses=True)
+      ),
     )
   return request.param

@@ -32,6 +32,7 @@ device). Uneven masks across devices give the statistics of the concatenated, fi
 Reference: Chan, Golub and LeVeque, "Algorithms for computing the sample variance" (1983).
 """
 
+import functools
 import math
 
 import jax
@@ -97,15 +98,24 @@ def batch_shift(x, axes: tuple[int, ...]):
   return jax.lax.stop_gradient(x)
 
 
-def shifted_moments(x, spec: checks.Spec):
-  """This device's `(n, K, S1 / n, M2)` from `S1 = sum(x - K)`, `S2 = sum(|x - K|^2)` (one read of x, unmasked)."""
+def shifted_moments(x, spec: checks.Spec, *, separate_uses: bool = False):
+  """This device's `(n, K, S1 / n, M2)` from `S1 = sum(x - K)`, `S2 = sum(|x - K|^2)` (one read of x, unmasked).
+
+  `separate_uses` spells `x - K` apart for each sum, for XLA:CPU, which would otherwise write it out once
+  (elsewhere the shared spelling is what lets XLA fuse the two sums into one read).
+  """
   acc = accumulation_dtype(x.dtype)
   red = spec.reduced_axes
   n = jnp.asarray(math.prod(x.shape[i] for i in red), jnp.finfo(acc).dtype)
-  shift = batch_shift(x, red).astype(acc)
-  deviation = x.astype(acc) - shift
+  shift = batch_shift(x, red)
+  if separate_uses:  # the fenced row also keeps XLA from slicing a shared, written-out convert(x)
+    shift = fusion.fence(shift).astype(acc)
+    deviation, deviation_2 = fusion.upcast(x, acc, 0) - shift, fusion.upcast(x, acc, 1) - fusion.fence(shift)
+  else:
+    shift = shift.astype(acc)
+    deviation = deviation_2 = x.astype(acc) - shift
   s1 = jnp.sum(deviation, axis=red, keepdims=True)
-  s2 = jnp.sum(abs_sq(deviation), axis=red, keepdims=True)
+  s2 = jnp.sum(abs_sq(deviation_2), axis=red, keepdims=True)
   m2 = jnp.maximum(s2 - abs_sq(s1) / n, 0.0)  # rounding can take a near-constant feature below 0
   return n, shift, s1 / n, m2
 
@@ -121,12 +131,10 @@ def local_moments(x, mask, spec: checks.Spec):
   if mask is not None:
     return two_pass_moments(x, mask, spec)
   if spec.axis_names:
-    return shifted_moments(x, spec)
-  return jax.lax.platform_dependent(
-    x,
-    cpu=lambda x: two_pass_moments(x, None, spec),
-    default=lambda x: shifted_moments(x, spec),
-  )
+    cpu = functools.partial(shifted_moments, spec=spec, separate_uses=True)
+  else:
+    cpu = functools.partial(two_pass_moments, mask=None, spec=spec)
+  return jax.lax.platform_dependent(x, cpu=cpu, default=functools.partial(shifted_moments, spec=spec))
 
 
 def combine(n, shift, offset, m2, spec: checks.Spec):
