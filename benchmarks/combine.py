@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.summary:
     print(summary(rows, args.dtype))
     return 0
-  verdicts = ops.targets(rows)
+  verdicts = ops.targets(rows, runs[0]["machine"].get("backend", "cpu"))
   info = dict(runs[0]["machine"])
   info["command"] = " ".join(["python -m benchmarks.combine"] + list(args.runs))
   info["load_average"] = max((run["machine"]["load_average"] for run in runs), key=lambda la: la[0])

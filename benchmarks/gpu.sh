@@ -33,13 +33,13 @@ grep -q "bnjax smoke:" "$out/smoke.log" || exit 1
 
 timeout "${OPS_TIMEOUT:-300}" "$python" -m benchmarks.ops --out "$out/ops" --prototypes \
   --shapes "${GPU_SHAPES:-65536x1024,256x56x56x256}" \
-  --only "${GPU_ONLY:-bnjax,flax.linen two-pass,flax.nnx,equinox,jnp+autodiff,torch,torch NCHW,torch channels_last,proto: guarded one-pass vjp,proto: Chan one-pass vjp}" \
+  --only "${GPU_ONLY:-bnjax,flax.linen two-pass,flax.nnx,equinox,jnp+autodiff,torch,torch NCHW,torch channels_last,proto: two-pass vjp,proto: batch-shifted one-pass vjp,proto: guarded one-pass vjp}" \
   2>&1 | tee "$out/ops.log"
 
 timeout 60 "$python" -m benchmarks.prototypes --shape "${HLO_SHAPE:-65536,1024}" 2>&1 | tee "$out/accuracy.log"
 
 timeout "${HLO_TIMEOUT:-45}" "$python" -m benchmarks.hlo --prototypes --shape "${HLO_SHAPE:-65536,1024}" \
-  --only "bnjax,flax.linen,flax.linen two-pass,jnp+autodiff,proto: guarded one-pass vjp,proto: Chan one-pass vjp" 2>&1 | tee "$out/hlo.log"
+  --only "bnjax,flax.linen,flax.linen two-pass,jnp+autodiff,proto: two-pass vjp,proto: batch-shifted one-pass vjp" 2>&1 | tee "$out/hlo.log"
 
 for batch in ${TRAIN_BATCHES:-256 4096}; do
   timeout "${TRAIN_TIMEOUT:-90}" "$python" -m benchmarks.train --platform "$JAX_PLATFORMS" --prototypes \

@@ -791,19 +791,27 @@ def _row_cells(row: Row) -> list[str]:
   ]
 
 
-TARGETS = (  # (mode, column, bound, description), judged on float32 only
-  ("fwd_bwd", "x_flax", 0.7, "fwd+bwd <= 0.7 x flax.linen"),
-  ("fwd_bwd", "x_torch_best", 1.0, "fwd+bwd <= 1.0 x torch best layout"),
-  ("fwd", "x_flax", 1.0, "fwd <= 1.0 x flax.linen (one-pass variance)"),
+TARGETS = (  # (mode, column, bound, description, backends or None for all), judged in float32 and bfloat16
+  ("fwd", "x_flax", 1.0, "fwd <= 1.0 x flax.linen (one-pass variance)", None),
+  ("fwd_bwd", "x_flax", 0.9, "fwd+bwd <= 0.9 x flax.linen", None),
+  ("fwd_bwd", "x_torch_best", 1.0, "fwd+bwd <= 1.0 x torch best layout", None),
+  ("fwd_bwd", "x_floor", 1.2, "fwd+bwd <= 1.2 x the HBM floor", ("gpu",)),
 )
+TARGET_DTYPES = ("float32", "bfloat16")
 
 
-def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
-  """The project's float32 targets for bnjax, judged per shape."""
+def targets(rows: Sequence[Row], backend: str | None = None) -> list[dict[str, Any]]:
+  """The project's targets for bnjax, judged per shape and dtype on `backend` (default: JAX's default backend)."""
+  if backend is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    backend = jax.default_backend()
   verdicts = []
-  for mode, column, bound, description in TARGETS:
+  for mode, column, bound, description, backends in TARGETS:
+    if backends is not None and backend not in backends:
+      continue
     for row in rows:
-      if row.implementation not in BNJAX or row.mode != mode or row.dtype != "float32":
+      if row.implementation not in BNJAX or row.mode != mode or row.dtype not in TARGET_DTYPES:
         continue
       value = getattr(row, column)
       verdicts.append(
@@ -811,6 +819,7 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
           "target": description,
           "implementation": row.implementation,
           "shape": row.shape,
+          "dtype": row.dtype,
           "ratio": value,
           "bound": bound,
           "met": None if value is None else value <= bound,
@@ -826,12 +835,13 @@ def render(rows: Sequence[Row], verdicts: Sequence[dict[str, Any]], info: dict[s
     lines += [
       "",
       _harness.markdown_table(
-        ("target (float32)", "implementation", "shape", "ratio", "met"),
+        ("target", "implementation", "shape", "dtype", "ratio", "met"),
         [
           (
             v["target"],
             v["implementation"],
             "x".join(map(str, v["shape"])),
+            v["dtype"],
             _harness.fmt_ratio(v["ratio"]),
             {True: "yes", False: "NO", None: "-"}[v["met"]],
           )
@@ -904,6 +914,7 @@ def main(argv: Sequence[str] | None = None, implementations: Sequence[Implementa
   rounds = args.rounds or (3 if args.quick else 31)
   warmup = 1 if args.quick else 3
   info = _harness.machine_info()
+  info["backend"] = jax.default_backend()
   rows = []
   cases = cases_for(shapes, args.dtypes.split(","), args.modes.split(","))
   # Run the cases of one shape and dtype together, so that they share one reference; report in `cases` order.
@@ -941,7 +952,7 @@ def main(argv: Sequence[str] | None = None, implementations: Sequence[Implementa
     )
   order = {case.label: index for index, case in enumerate(cases)}
   rows.sort(key=lambda row: order[row.case])
-  verdicts = targets(rows)
+  verdicts = targets(rows, info["backend"])
   info["load_average_end"] = os.getloadavg()
   markdown = render(rows, verdicts, info)
   print(markdown)

@@ -31,6 +31,10 @@ variance. Under `vmap` the cond becomes a select and both branches run (three pa
 (`stop_gradient`, known before x is read): S1 = sum(x - K), S2 = sum((x - K)^2), mean = K + S1 / m,
 var = S2 / m - (S1 / m)^2. It needs the fallback less often, but its reductions carry a broadcast operand.
 
+`proto: batch-shifted one-pass vjp`: bnjax's own GPU/TPU statistics (`bnjax._src.moments.shifted_moments`),
+timed on any backend: both sums around K = x's first row, S1 = sum(x - K), S2 = sum((x - K)^2), with no guard;
+the cancellation depends on how many stds K lies from the mean, not on the mean's size.
+
 `proto: Chan one-pass vjp`: one variadic reduction of (count, mean, M2) whose combiner is Chan et al.'s merge
 (Welford's update). One read of x on a backend that emits it as one kernel, and no cancellation; but every
 merge rounds the running mean, so its error grows with |mean| / std where the two-pass form's does not.
@@ -49,7 +53,9 @@ import numpy as np
 
 from benchmarks import _reference
 from benchmarks import ops
+from bnjax._src import checks
 from bnjax._src import fusion
+from bnjax._src import moments as moments_lib
 
 # Recompute the variance exactly when (mean - K)^2 exceeds this multiple of it: float32 then keeps at least
 # 24 - log2(1 + 2^8) ~ 16 bits of the variance.
@@ -114,6 +120,14 @@ def guarded_one_pass_stats(x, shift, f32):
 def _unshifted_guarded_stats(x, shift, f32):
   del shift
   return guarded_one_pass_stats(x, None, f32)
+
+
+def _batch_shifted_stats(x, shift, f32):
+  """bnjax's one-pass form as the GPU and TPU lower it, on whatever backend runs it."""
+  del shift, f32  # the shift is x's first row; the core converts each use itself
+  spec, _ = checks.spec(x, axis=-1)
+  n, k, offset, m2 = moments_lib.shifted_moments(x, spec)
+  return (k + offset).reshape(-1), (m2 / n).reshape(-1)
 
 
 def _chan_merge(a, b):
@@ -209,6 +223,7 @@ IMPLEMENTATIONS = (
   ops.Implementation("proto: two-pass vjp", _build(_two_pass_stats)),
   ops.Implementation("proto: guarded one-pass vjp", _build(_unshifted_guarded_stats)),
   ops.Implementation("proto: shifted guarded one-pass vjp", _build(guarded_one_pass_stats)),
+  ops.Implementation("proto: batch-shifted one-pass vjp", _build(_batch_shifted_stats)),
   ops.Implementation("proto: Chan one-pass vjp", _build(_chan_one_pass_stats)),
   ops.Implementation("proto: two-pass vjp + per-use converts", _build(_two_pass_stats, convert_per_use=True)),
 )
@@ -219,7 +234,11 @@ IMPLEMENTATIONS = (
 # an op benchmark times one call in isolation, while a step shows costs that only appear between kernels, such as
 # the guarded form's `lax.cond`, whose predicate an accelerator backend may copy to the host before branching.
 
-LAYER_STATS = {"proto: two-pass": _two_pass_stats, "proto: guarded one-pass": _unshifted_guarded_stats}
+LAYER_STATS = {
+  "proto: two-pass": _two_pass_stats,
+  "proto: guarded one-pass": _unshifted_guarded_stats,
+  "proto: batch-shifted one-pass": _batch_shifted_stats,
+}
 
 
 def layer_classes() -> dict:
@@ -283,6 +302,7 @@ def accuracy(shape=(65536, 1024), locations=ACCURACY_LOCATIONS, seed=0) -> list[
     "flax one-pass E[x^2]-E[x]^2": flax_one_pass,
     "proto: two-pass": _two_pass_stats,
     "proto: guarded one-pass": _unshifted_guarded_stats,
+    "bnjax one-pass (GPU/TPU form)": _batch_shifted_stats,
     "proto: Chan one-pass": _chan_one_pass_stats,
   }
   rows = []

@@ -54,6 +54,25 @@ def test_ops_quick_every_implementation_runs_and_passes(tmp_path):
     if len(row["shape"]) == 4 and row["implementation"] != ops.FLOOR:
       assert row["torch_best"].startswith(("torch NCHW", "torch channels_last"))
   assert {v["shape"][0] for v in results["targets"]} == {s[0] for s in ops.QUICK_SHAPES}
+  assert {v["dtype"] for v in results["targets"]} == {r["dtype"] for r in rows} & set(ops.TARGET_DTYPES)
+
+
+def test_targets_judge_each_dtype_and_the_floor_only_on_a_gpu():
+  rows = [
+    ops.Row(
+      case=f"{mode} {dtype} 8x4", mode=mode, dtype=dtype, shape=[8, 4], implementation="bnjax", family="jax", note=""
+    )
+    for mode in ("fwd", "fwd_bwd")
+    for dtype in ("float32", "bfloat16", "float16")
+  ]
+  for row in rows:
+    row.x_flax, row.x_floor = (0.95, 1.3) if row.mode == "fwd" else (0.85, 1.1)
+  on_cpu, on_gpu = ops.targets(rows, "cpu"), ops.targets(rows, "gpu")
+  assert {v["dtype"] for v in on_cpu} == {"float32", "bfloat16"}
+  assert not [v for v in on_cpu if "floor" in v["target"]]
+  floor = [v for v in on_gpu if "floor" in v["target"]]
+  assert len(floor) == 2 and all(v["met"] for v in floor)
+  assert all(v["met"] for v in on_gpu if "flax" in v["target"])
 
 
 # Wrong batch norms, each a plausible bug, to prove the check fails them. Each is a forward(x, params, state).
@@ -463,7 +482,7 @@ def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
 
 def test_accuracy_report_separates_exact_stable_and_cancelling_formulations():
   rows = {(r["formulation"], r["location"]): r for r in prototypes.accuracy((4096, 4), locations=(0.0, 1e4))}
-  for name in ("bnjax.moments", "proto: two-pass", "proto: guarded one-pass"):
+  for name in ("bnjax.moments", "proto: two-pass", "proto: guarded one-pass", "bnjax one-pass (GPU/TPU form)"):
     assert rows[name, 1e4]["var_relative_error"] < 1e-5
   assert rows["flax one-pass E[x^2]-E[x]^2", 1e4]["var_relative_error"] > 0.1
   # Chan's merges never cancel, but each rounds the running mean: stable, not exact.
