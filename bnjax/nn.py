@@ -59,7 +59,7 @@ class BatchNorm(linen.Module):
   batch statistics are not synchronised across `axis_name` then, so `init` works outside the mapped axis.
 
   Differences from flax, all on purpose (the full list is in the docs' layers guide):
-    * the variance is always the exact two-pass `mean(|x - mu|^2)`; `use_fast_variance` is accepted and
+    * the variance is always the exact `mean(|x - mu|^2)`; `use_fast_variance` is accepted and
       ignored (flax's default `E[x^2] - E[x]^2` loses precision when the mean is large against the
       spread). Outputs match `flax.linen.BatchNorm(use_fast_variance=False)`.
     * moments are always accumulated in float32; `force_float32_reductions=False` only keeps flax's

@@ -67,7 +67,7 @@ class BatchNorm(nnx.Module):
 
   and moves the running statistics `running = momentum * running + (1 - momentum) * batch`; evaluation
   mode normalizes with the running `mean` and `var`. The statistics and the normalization are
-  `bnjax.batch_norm`'s (float32 moments, stable two-pass variance, closed-form backward pass); the
+  `bnjax.batch_norm`'s (float32 moments, exact variance, closed-form backward pass); the
   running statistics carry no gradient.
 
   Variables, as in flax: `scale`, `bias` (`nnx.Param`, `param_dtype`, absent (None) when disabled) and
