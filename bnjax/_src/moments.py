@@ -2,7 +2,8 @@
 
 Flax's one-pass `E[x^2] - E[x]^2` (`use_fast_variance=True`) loses every significant bit of the
 variance when the mean dwarfs the spread (x = 1e4 + N(0, 1) in float32). bnjax has two exact forms,
-chosen per backend when the program is lowered (`jax.lax.platform_dependent`, no runtime branch):
+chosen when the program is traced, by JAX's default backend (no runtime branch; a program lowered for
+another platform runs the other form, as exact and only slower there):
 
 - **two passes** (one XLA:CPU device, and every masked input): `mean = sum(x) / n`, then
   `M2 = sum(|x - mean|^2)`. XLA:CPU reduces one array at a time, so a second read costs no more
@@ -32,7 +33,6 @@ device). Uneven masks across devices give the statistics of the concatenated, fi
 Reference: Chan, Golub and LeVeque, "Algorithms for computing the sample variance" (1983).
 """
 
-import functools
 import math
 
 import jax
@@ -125,16 +125,15 @@ def local_moments(x, mask, spec: checks.Spec):
   its mean is `shift + offset`.
 
   One pass around a shift from the batch where XLA fuses sibling reductions (GPU, TPU) and on every
-  backend across devices; two passes on a single CPU device and under a mask. The choice is made when
-  lowering (see the module docstring).
+  backend across devices; two passes on a single CPU device and under a mask (see the module docstring).
   """
   if mask is not None:
     return two_pass_moments(x, mask, spec)
+  if jax.default_backend() != "cpu":
+    return shifted_moments(x, spec)
   if spec.axis_names:
-    cpu = functools.partial(shifted_moments, spec=spec, separate_uses=True)
-  else:
-    cpu = functools.partial(two_pass_moments, mask=None, spec=spec)
-  return jax.lax.platform_dependent(x, cpu=cpu, default=functools.partial(shifted_moments, spec=spec))
+    return shifted_moments(x, spec, separate_uses=True)
+  return two_pass_moments(x, None, spec)
 
 
 def combine(n, shift, offset, m2, spec: checks.Spec):
