@@ -31,9 +31,10 @@ variance. Under `vmap` the cond becomes a select and both branches run (three pa
 (`stop_gradient`, known before x is read): S1 = sum(x - K), S2 = sum((x - K)^2), mean = K + S1 / m,
 var = S2 / m - (S1 / m)^2. It needs the fallback less often, but its reductions carry a broadcast operand.
 
-`proto: batch-shifted one-pass vjp`: bnjax's own GPU/TPU statistics (`bnjax._src.moments.shifted_moments`),
-timed on any backend: both sums around K = x's first row, S1 = sum(x - K), S2 = sum((x - K)^2), with no guard;
-the cancellation depends on how many stds K lies from the mean, not on the mean's size.
+`proto: batch-shifted one-pass vjp`: bnjax's own GPU/TPU statistics (`bnjax._src.moments.shifted_moments`,
+with XLA:CPU's separate spelling on the CPU), timed on any backend: both sums around K = x's first row,
+S1 = sum(x - K), S2 = sum((x - K)^2), with no guard; the cancellation depends on how many stds K lies from
+the mean, not on the mean's size.
 
 `proto: Chan one-pass vjp`: one variadic reduction of (count, mean, M2) whose combiner is Chan et al.'s merge
 (Welford's update). One read of x on a backend that emits it as one kernel, and no cancellation; but every
@@ -123,10 +124,10 @@ def _unshifted_guarded_stats(x, shift, f32):
 
 
 def _batch_shifted_stats(x, shift, f32):
-  """bnjax's one-pass form as the GPU and TPU lower it, on whatever backend runs it."""
+  """bnjax's one-pass form, spelled as the core spells it for the backend at hand."""
   del shift, f32  # the shift is x's first row; the core converts each use itself
   spec, _ = checks.spec(x, axis=-1)
-  n, k, offset, m2 = moments_lib.shifted_moments(x, spec)
+  n, k, offset, m2 = moments_lib.shifted_moments(x, spec, separate_uses=jax.default_backend() == "cpu")
   return (k + offset).reshape(-1), (m2 / n).reshape(-1)
 
 
