@@ -235,11 +235,7 @@ IMPLEMENTATIONS = (
 # an op benchmark times one call in isolation, while a step shows costs that only appear between kernels, such as
 # the guarded form's `lax.cond`, whose predicate an accelerator backend may copy to the host before branching.
 
-LAYER_STATS = {
-  "proto: two-pass": _two_pass_stats,
-  "proto: guarded one-pass": _unshifted_guarded_stats,
-  "proto: batch-shifted one-pass": _batch_shifted_stats,
-}
+LAYER_STATS = {"proto: two-pass": _two_pass_stats, "proto: guarded one-pass": _unshifted_guarded_stats}
 
 
 def layer_classes() -> dict:
