@@ -2,8 +2,9 @@
 # The GPU record (docs/performance.md, "GPU"): on a machine whose jax has CUDA,
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default benchmarks/out/gpu)
 # 1. versions and a one-call smoke test of bnjax on the GPU;
-# 2. the op benchmark at GPU sizes, bnjax against flax.linen, flax.nnx, Equinox, jnp+autodiff, PyTorch on CUDA
-#    (when the installed PyTorch has CUDA) and the HBM bandwidth floor, every output checked in float64;
+# 2. the op benchmark at GPU sizes, bnjax (its one-pass variance) against flax.linen, flax.nnx, Equinox,
+#    jnp+autodiff, PyTorch on CUDA (when the installed PyTorch has CUDA), the HBM bandwidth floor and the
+#    two-pass prototype (bnjax's earlier form), every output checked in float64;
 # 3. the accuracy of each formulation's batch statistics on the GPU (benchmarks/prototypes.py), and the
 #    optimised-HLO anatomy of the forward and forward+backward (kernels, passes over memory);
 # 4. the training step on the GPU at two batch sizes, bnjax and flax.linen layers against the prototypes'
