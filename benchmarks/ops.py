@@ -413,11 +413,28 @@ def build_equinox(case: Case, data: CaseData) -> Prepared:
   )
 
 
-def build_jnp(case: Case, data: CaseData) -> Prepared:
-  """Plain jax.numpy, two-pass float32 statistics, gradient by autodiff: what a user would write by hand."""
+def tuple_state_prepared(case: Case, data: CaseData, forward: Callable, note: str = "") -> Prepared:
+  """A feature-last `forward(x, (scale, bias), (mean, var)) -> (y, (mean, var))` on the case's data, whose
+  running statistics follow the EMA rule."""
   x, g = _device_inputs(data)
   params = (jnp.asarray(data.scale), jnp.asarray(data.bias))
   state = (jnp.asarray(data.mean0), jnp.asarray(data.var0))
+  return jax_prepared(
+    case,
+    forward,
+    x,
+    params,
+    state,
+    g,
+    running=lambda s: s,
+    param_grads=lambda p: p,
+    rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
+    note=note,
+  )
+
+
+def build_jnp(case: Case, data: CaseData) -> Prepared:
+  """Plain jax.numpy, two-pass float32 statistics, gradient by autodiff: what a user would write by hand."""
 
   def forward(x, params, state):
     scale, bias = params
@@ -430,17 +447,7 @@ def build_jnp(case: Case, data: CaseData) -> Prepared:
     new_state = (data.decay * running_mean + (1 - data.decay) * mean, data.decay * running_var + (1 - data.decay) * var)
     return y.astype(x.dtype), new_state
 
-  return jax_prepared(
-    case,
-    forward,
-    x,
-    params,
-    state,
-    g,
-    running=lambda s: s,
-    param_grads=lambda p: p,
-    rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
-  )
+  return tuple_state_prepared(case, data, forward)
 
 
 def build_floor(case: Case, data: CaseData) -> Prepared:

@@ -52,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import _reference
 from benchmarks import ops
 from bnjax._src import checks
 from bnjax._src import fusion
@@ -197,25 +196,11 @@ def _train(batch_norm, x, scale, bias, running_mean, running_var, decay):
 def _build(stats_fn, **options):
   def build(case, data):
     batch_norm = _make_batch_norm(stats_fn, data.epsilon, **options)
-    x, g = jnp.asarray(data.x), jnp.asarray(data.cotangent)
-    params = (jnp.asarray(data.scale), jnp.asarray(data.bias))
-    state = (jnp.asarray(data.mean0), jnp.asarray(data.var0))
 
     def forward(x, params, state):
       return _train(batch_norm, x, *params, *state, data.decay)
 
-    return ops.jax_prepared(
-      case,
-      forward,
-      x,
-      params,
-      state,
-      g,
-      running=lambda s: s,
-      param_grads=lambda p: p,
-      rule=_reference.ema_rule(data.mean0, data.var0, data.decay),
-      note="prototype",
-    )
+    return ops.tuple_state_prepared(case, data, forward, note="prototype")
 
   return build
 
