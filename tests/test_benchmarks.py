@@ -57,14 +57,22 @@ def test_ops_quick_every_implementation_runs_and_passes(tmp_path):
   assert {v["dtype"] for v in results["targets"]} == {r["dtype"] for r in rows} & set(ops.TARGET_DTYPES)
 
 
+def _ops_row(mode="fwd", dtype="float32", implementation="bnjax", **fields) -> ops.Row:
+  """A row of the 8x4 case; `fields` set the timings and the check."""
+  return ops.Row(
+    case=f"{mode} {dtype} 8x4",
+    mode=mode,
+    dtype=dtype,
+    shape=[8, 4],
+    implementation=implementation,
+    family="jax",
+    note="",
+    **fields,
+  )
+
+
 def test_targets_judge_each_dtype_and_the_floor_only_on_a_gpu():
-  rows = [
-    ops.Row(
-      case=f"{mode} {dtype} 8x4", mode=mode, dtype=dtype, shape=[8, 4], implementation="bnjax", family="jax", note=""
-    )
-    for mode in ("fwd", "fwd_bwd")
-    for dtype in ("float32", "bfloat16", "float16")
-  ]
+  rows = [_ops_row(mode, dtype) for mode in ("fwd", "fwd_bwd") for dtype in ("float32", "bfloat16", "float16")]
   for row in rows:
     row.x_flax, row.x_floor = (0.95, 1.3) if row.mode == "fwd" else (0.85, 1.1)
   on_cpu, on_gpu = ops.targets(rows, "cpu"), ops.targets(rows, "gpu")
@@ -362,22 +370,7 @@ def test_combine_takes_medians_over_runs(tmp_path):
   from benchmarks import combine  # pylint: disable=g-import-not-at-top
 
   def run(ms, ratio):
-    row = dataclasses.asdict(
-      ops.Row(
-        case="fwd float32 8x4",
-        mode="fwd",
-        dtype="float32",
-        shape=[8, 4],
-        implementation="bnjax",
-        family="jax",
-        note="",
-        median_ms=ms,
-        x_flax=ratio,
-        rounds=3,
-        check="pass",
-        max_errors={"y": 1e-7},
-      )
-    )
+    row = dataclasses.asdict(_ops_row(median_ms=ms, x_flax=ratio, rounds=3, check="pass", max_errors={"y": 1e-7}))
     return {"all_checks_passed": True, "rows": [row]}
 
   (row,) = combine.combine([run(1.0, 0.5), run(9.0, 0.9), run(2.0, 0.6)])
@@ -433,14 +426,9 @@ def test_combine_summary_picks_the_requested_dtype(tmp_path, capsys):
 
   def row(dtype, implementation, ms, ratio):
     return dataclasses.asdict(
-      ops.Row(
-        case=f"fwd {dtype} 8x4",
-        mode="fwd",
+      _ops_row(
         dtype=dtype,
-        shape=[8, 4],
         implementation=implementation,
-        family="jax",
-        note="",
         median_ms=ms,
         x_flax=ratio,
         rounds=3,
