@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,14 +19,6 @@ from flax import traverse_util
 import bnjax
 import bnjax.nnx
 from bnjax import models
-
-# Small programs compile several times faster without XLA's expensive CPU passes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
-def _normal(shape, seed=0):
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _norm_variables(features, seed=0):
@@ -71,7 +64,7 @@ def _conv_then_norm(rank, layout, groups, x, kernel, bias, params, stats, dtype=
     shape[feature_axis] = -1
     return y + bias.reshape(shape)
 
-  @_jit
+  @helpers.fast_jit
   def both(x, kernel, bias, params, stats):
     want, _ = bnjax.batch_norm(conv(x, kernel, bias), params, stats, train=False, axis=feature_axis)
     folded_kernel, folded_bias = bnjax.fold_conv(kernel, bias, params, stats, out_axis=out_axis)
@@ -108,9 +101,9 @@ def test_fold_conv_equals_conv_then_eval_batch_norm(rank, layout, groups, use_bi
   if layout == "OIHW":
     k_shape = (out_features, in_features // groups, *window)
   params, stats = _norm_variables(out_features)
-  bias = _normal(out_features, 3) if use_bias else None
+  bias = helpers.normal(out_features, 3) if use_bias else None
   want, got, folded_kernel = _conv_then_norm(
-    rank, layout, groups, _normal(x_shape, 1), _normal(k_shape, 2), bias, params, stats
+    rank, layout, groups, helpers.normal(x_shape, 1), helpers.normal(k_shape, 2), bias, params, stats
   )
   assert folded_kernel.shape == k_shape and folded_kernel.dtype == jnp.float32
   _assert_close(got, want)
@@ -119,7 +112,15 @@ def test_fold_conv_equals_conv_then_eval_batch_norm(rank, layout, groups, use_bi
 def test_fold_conv_bfloat16_kernel_stays_bfloat16():
   params, stats = _norm_variables(8)
   want, got, folded_kernel = _conv_then_norm(
-    2, "HWIO", 1, _normal((2, 5, 5, 4), 1), _normal((3, 3, 4, 8), 2), _normal(8, 3), params, stats, jnp.bfloat16
+    2,
+    "HWIO",
+    1,
+    helpers.normal((2, 5, 5, 4), 1),
+    helpers.normal((3, 3, 4, 8), 2),
+    helpers.normal(8, 3),
+    params,
+    stats,
+    jnp.bfloat16,
   )
   assert folded_kernel.dtype == jnp.bfloat16
   _assert_close(got, want, rtol=3e-2)
@@ -127,14 +128,14 @@ def test_fold_conv_bfloat16_kernel_stays_bfloat16():
 
 def test_fold_conv_without_norm_params_and_rank_two_kernel_is_fold_dense():
   _, stats = _norm_variables(5)
-  kernel = _normal((7, 5))
+  kernel = helpers.normal((7, 5))
   for params in (None, bnjax.BatchNormParams(None, None)):
     conv = bnjax.fold_conv(kernel, None, params, stats)
     dense = bnjax.fold_dense(kernel, None, params, stats)
     jax.tree.map(np.testing.assert_array_equal, conv, dense)
   # No scale and no bias: (x W - mean) / sqrt(var + eps).
-  want = (_normal((3, 7)) @ kernel - stats.mean) / np.sqrt(stats.var + 1e-5)
-  got = _normal((3, 7)) @ conv[0] + conv[1]
+  want = (helpers.normal((3, 7)) @ kernel - stats.mean) / np.sqrt(stats.var + 1e-5)
+  got = helpers.normal((3, 7)) @ conv[0] + conv[1]
   _assert_close(got, want)
 
 
@@ -177,9 +178,9 @@ def test_fold_bad_shapes_and_dtypes_name_the_argument():
 
 def _trained(model, x, seed=0):
   """Variables as after training: a few training steps, then every parameter moved at random."""
-  init = _jit(functools.partial(model.init, train=False))
+  init = helpers.fast_jit(functools.partial(model.init, train=False))
   variables = init(jax.random.key(seed), x)
-  step = _jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+  step = helpers.fast_jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
   for shift in (0.5, -1.0):
     _, updates = step(variables, 2.0 * x + shift)
     variables = {**variables, **updates}
@@ -189,7 +190,7 @@ def _trained(model, x, seed=0):
 
 
 def _eval(model, variables, x):
-  return _jit(functools.partial(model.apply, train=False))(variables, x)
+  return helpers.fast_jit(functools.partial(model.apply, train=False))(variables, x)
 
 
 LINEN_MODELS = {
@@ -205,7 +206,7 @@ LINEN_MODELS = {
 @pytest.mark.parametrize("name", LINEN_MODELS)
 def test_fold_batch_norm_linen_equals_eval_mode(name):
   make, x_shape = LINEN_MODELS[name]
-  model, x = make(), _normal(x_shape, 1)
+  model, x = make(), helpers.normal(x_shape, 1)
   variables = _trained(model, x)
   folded, folded_variables = models.fold_batch_norm(model, variables)
   assert set(folded_variables) == {"params"}
@@ -218,7 +219,9 @@ def test_fold_batch_norm_refuses_other_models_and_incomplete_variables():
   with pytest.raises(TypeError, match=r"`model` must be a bnjax.models.MLP or ConvNet, got Dense"):
     models.fold_batch_norm(nn.Dense(3), {})
   model = models.MLP((6, 2), norm="pre")
-  variables = _jit(functools.partial(model.init, train=False))(jax.random.key(0), np.zeros((2, 3), np.float32))
+  variables = helpers.fast_jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), np.zeros((2, 3), np.float32)
+  )
   with pytest.raises(ValueError, match=r"`variables` has no batch_stats/BatchNorm_0"):
     models.fold_batch_norm(model, {"params": variables["params"]})
   with pytest.raises(ValueError, match=r"`variables` for Dense_0: `stats.mean` has shape \(4,\)"):
@@ -228,7 +231,9 @@ def test_fold_batch_norm_refuses_other_models_and_incomplete_variables():
 
 def test_convnet_layout_and_argument_checks():
   model = models.ConvNet((4, 8), num_classes=3)
-  variables = _jit(functools.partial(model.init, train=False))(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+  variables = helpers.fast_jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32)
+  )
   shapes = jax.tree.map(jnp.shape, variables)
   assert shapes["params"]["Conv_0"] == {"kernel": (3, 3, 3, 4)} and shapes["params"]["Dense_0"]["kernel"] == (8, 3)
   assert shapes["batch_stats"]["BatchNorm_1"] == {"mean": (8,), "var": (8,)}
@@ -275,7 +280,7 @@ def test_fold_batch_norm_nnx_sequential_mlp_pre_and_post():
       nnx.Linear(8, 3, rngs=rngs),
     )
   )
-  x = _normal((6, 10), 1)
+  x = helpers.normal((6, 10), 1)
   before = jax.tree.map(np.asarray, nnx.state(model))
   folded = models.fold_batch_norm_nnx(model)
   assert len(folded.layers) == 5 and folded.layers[0].bias is not None
@@ -299,7 +304,7 @@ def test_fold_batch_norm_nnx_nested_sequential_convnet():
       nnx.Linear(8, 3, rngs=rngs),
     )
   )
-  x = _normal((2, 6, 6, 3), 1)
+  x = helpers.normal((2, 6, 6, 3), 1)
   folded = models.fold_batch_norm_nnx(model)
   assert not any(isinstance(n, bnjax.nnx.BatchNorm | nnx.BatchNorm) for _, n in nnx.iter_graph(folded))
   _assert_close(_nnx_eval(folded, x), _nnx_eval(model, x))
@@ -319,7 +324,7 @@ class _Residual(nnx.Module):
 
 def test_fold_batch_norm_nnx_named_pairs():
   model = _perturbed(_Residual(nnx.Rngs(0)))
-  x = _normal((2, 5, 5, 4), 1)
+  x = helpers.normal((2, 5, 5, 4), 1)
   folded = models.fold_batch_norm_nnx(model, pairs=[("conv", "bn"), ("head_bn", "head")])
   assert not isinstance(folded.bn, bnjax.nnx.BatchNorm) and not isinstance(folded.head_bn, nnx.BatchNorm)
   _assert_close(_nnx_eval(folded, x), _nnx_eval(model, x))
@@ -369,7 +374,7 @@ _RELOAD = textwrap.dedent(
 
 def test_export_inference_reloads_in_a_fresh_process(tmp_path):
   model = models.ConvNet((4, 8), num_classes=3)
-  x = _normal((7, 6, 6, 2), 1)
+  x = helpers.normal((7, 6, 6, 2), 1)
   variables = _trained(model, x)
   want = np.asarray(_eval(model, variables, x))
   fixed = models.export_inference(model, variables, x[:4], symbolic_batch=False)
@@ -401,11 +406,11 @@ def test_export_inference_checks_its_arguments():
 
 
 def test_core_train_false_learns_scale_and_bias_with_statistics_fixed():
-  x, target = _normal((16, 4), 1), _normal((16, 4), 2)
+  x, target = helpers.normal((16, 4), 1), helpers.normal((16, 4), 2)
   params, stats = _norm_variables(4)
   tx = optax.sgd(0.1)
 
-  @_jit
+  @helpers.fast_jit
   def step(params, opt_state, stats):
     def loss(params):
       y, new_stats = bnjax.batch_norm(x, params, stats, train=False)
@@ -425,13 +430,13 @@ def test_core_train_false_learns_scale_and_bias_with_statistics_fixed():
 
 def _linen_setup():
   model = models.MLP((8, 3), norm="pre")
-  x, target = _normal((16, 5), 1), _normal((16, 3), 2)
+  x, target = helpers.normal((16, 5), 1), helpers.normal((16, 3), 2)
   variables = _trained(model, x)
   return model, x, target, variables
 
 
 def _linen_fine_tune(model, x, target, variables, tx, steps=3):
-  @_jit
+  @helpers.fast_jit
   def step(params, opt_state, batch_stats):
     def loss(params):  # use_running_average: no `mutable`, the statistics cannot move
       y = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
@@ -477,7 +482,7 @@ class _Tiny(nnx.Module):
 def _nnx_fine_tune(wrt, steps=3):
   model = _perturbed(_Tiny(nnx.Rngs(0)))
   model.eval()  # running statistics used, and not updated
-  x, target = _normal((16, 5), 1), _normal((16, 4), 2)
+  x, target = helpers.normal((16, 5), 1), helpers.normal((16, 4), 2)
   before = jax.tree.map(np.asarray, nnx.state(model))
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=wrt)
 

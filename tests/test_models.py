@@ -3,6 +3,7 @@
 import functools
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,37 +13,15 @@ from bnjax import models
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
-# Small programs compile several times faster without XLA's expensive CPU passes; the numbers compared
-# below are the same to the tolerances used.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
-def _normal(shape, seed=0):
-  """Standard normal float32 test data. Data and references are numpy: eager jax ops compile per shape."""
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _numpy(tree):
-  return jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
-
-
-def _close(a, b, tol, what=""):
-  jax.tree.map(
-    lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol),
-    a,
-    b,
-  )
-
 
 def _init(module, x, **kwargs):
   """`module.init` as one compiled program (eager mode compiles every operation on its own)."""
-  return _jit(functools.partial(module.init, **kwargs))(jax.random.key(0), x)
+  return helpers.fast_jit(functools.partial(module.init, **kwargs))(jax.random.key(0), x)
 
 
 def _apply(module, variables, *args, **kwargs):
   """`module.apply` as one compiled program; keyword arguments are fixed (static)."""
-  return _jit(functools.partial(module.apply, **kwargs))(variables, *args)
+  return helpers.fast_jit(functools.partial(module.apply, **kwargs))(variables, *args)
 
 
 def _layout(variables):
@@ -137,11 +116,11 @@ def _relu(z):
 
 @pytest.mark.parametrize("norm", [None, "pre", "post"])
 def test_mlp_forward_and_sown_preactivations(norm):
-  x = _normal((16, 2, 3), 1)
+  x = helpers.normal((16, 2, 3), 1)
   model = models.MLP((8, 4, 2), activation=nn.sigmoid, norm=norm, momentum=0.5)
   variables = _init(model, x, train=True)
   out, state = _apply(model, variables, x, train=True, mutable=["batch_stats", "intermediates"])
-  p = _numpy(variables["params"])
+  p = helpers.to_numpy(variables["params"])
 
   def bn(z):
     return (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)  # scale 1, bias 0 at init
@@ -150,24 +129,26 @@ def test_mlp_forward_and_sown_preactivations(norm):
   for i in range(2):
     z = _dense(p[f"Dense_{i}"], h)
     if norm == "pre":
-      _close(state["batch_stats"][f"BatchNorm_{i}"], {"mean": 0.5 * z.mean(0), "var": 0.5 + 0.5 * z.var(0)}, F32_TOL)
+      helpers.close(
+        state["batch_stats"][f"BatchNorm_{i}"], {"mean": 0.5 * z.mean(0), "var": 0.5 + 0.5 * z.var(0)}, F32_TOL
+      )
       z = bn(z)
     (sown,) = state["intermediates"][f"preact_{i}"]
-    _close(sown, z, F32_TOL, f"preact_{i}")
+    helpers.close(sown, z, F32_TOL, f"preact_{i}")
     h = _sigmoid(z)
     if norm == "post":
       h = bn(h)
-  _close(out, _dense(p["Dense_2"], h), F32_TOL)
+  helpers.close(out, _dense(p["Dense_2"], h), F32_TOL)
   if norm is None:
     assert "batch_stats" not in state
 
 
 def test_mlp_eval_uses_running_statistics_and_output_activation():
-  x = 2.0 + _normal((16, 6), 1)
+  x = 2.0 + helpers.normal((16, 6), 1)
   model = models.MLP((8, 3), norm="pre")
   with_softmax = models.MLP((8, 3), norm="pre", output_activation=nn.softmax)
 
-  @_jit
+  @helpers.fast_jit
   def run(x):
     variables = model.init(jax.random.key(0), x, train=True)
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -175,18 +156,18 @@ def test_mlp_eval_uses_running_statistics_and_output_activation():
     return variables, model.apply(variables, x, train=False), with_softmax.apply(variables, x, train=False)
 
   variables, logits, probabilities = run(x)
-  p, s = _numpy((variables["params"], variables["batch_stats"]["BatchNorm_0"]))
+  p, s = helpers.to_numpy((variables["params"], variables["batch_stats"]["BatchNorm_0"]))
   z = (_dense(p["Dense_0"], x) - s["mean"]) / np.sqrt(s["var"] + 1e-5)
-  _close(logits, _dense(p["Dense_1"], _relu(z)), F32_TOL)
+  helpers.close(logits, _dense(p["Dense_1"], _relu(z)), F32_TOL)
   exp = np.exp(np.asarray(logits, np.float64))
-  _close(probabilities, exp / exp.sum(1, keepdims=True), F32_TOL)
+  helpers.close(probabilities, exp / exp.sum(1, keepdims=True), F32_TOL)
 
 
 def test_mlp_axis_name_synchronises_statistics():
-  x = _normal((4, 8, 6), 1)
+  x = helpers.normal((4, 8, 6), 1)
   model = models.MLP((5, 2), norm="pre", axis_name="batch")
 
-  @_jit
+  @helpers.fast_jit
   def run(x):
     variables = model.init(jax.random.key(0), x[0], train=True)
     apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
@@ -195,8 +176,8 @@ def test_mlp_axis_name_synchronises_statistics():
     return mapped, whole
 
   (y, stats), (y_whole, stats_whole) = run(x)
-  _close(y.reshape(32, 2), y_whole, F32_TOL)
-  _close(jax.tree.map(lambda s: s[2], stats), stats_whole, F32_TOL)
+  helpers.close(y.reshape(32, 2), y_whole, F32_TOL)
+  helpers.close(jax.tree.map(lambda s: s[2], stats), stats_whole, F32_TOL)
 
 
 def test_mlp_dtype():
@@ -233,7 +214,7 @@ def test_mlp_train_must_be_a_bool():
 
 
 def test_keras_article_model():
-  x = _normal((8, 5), 1)
+  x = helpers.normal((8, 5), 1)
   model = models.keras_article_model()
   variables = _init(model, x, train=True)
   assert jax.tree.map(jnp.shape, variables) == {
@@ -247,11 +228,11 @@ def test_keras_article_model():
   }
   assert sum(v.size for v in jax.tree.leaves(variables["params"])) == 770
   # Dense(16, relu) -> Dense(32, relu) -> BatchNorm (Keras's epsilon 1e-3) -> Dense(2) logits.
-  p = _numpy(variables["params"])
+  p = helpers.to_numpy(variables["params"])
   h = _relu(_dense(p["Dense_1"], _relu(_dense(p["Dense_0"], x))))
   h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-3)
   logits, _ = _apply(model, variables, x, train=True, mutable=["batch_stats"])
-  _close(logits, _dense(p["Dense_2"], h), F32_TOL)
+  helpers.close(logits, _dense(p["Dense_2"], h), F32_TOL)
 
   plain = models.keras_article_model(batch_norm=False)
   plain_vars = jax.eval_shape(functools.partial(plain.init, train=True), jax.random.key(0), x)

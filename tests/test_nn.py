@@ -3,6 +3,7 @@
 import functools
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,23 +16,6 @@ import bnjax.nn as bnn
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
-
-
-def _normal(shape, seed=0):
-  """Standard normal float32 test data. Data and references are numpy: eager jax ops compile per shape."""
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _numpy(tree):
-  return jax.tree.map(lambda v: np.asarray(v, np.float64), tree)
-
-
-def _close(a, b, tol, what=""):
-  jax.tree.map(
-    lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol),
-    a,
-    b,
-  )
 
 
 def _same_layout(a, b):
@@ -53,20 +37,14 @@ def _net(bn_cls, **bn_kwargs):
   return Net()
 
 
-# Small programs compile several times faster without XLA's expensive CPU passes; the numbers compared
-# below are the same to the tolerances used.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
 def _init(module, x, **kwargs):
   """`module.init` as one compiled program (eager mode compiles every operation on its own)."""
-  return _jit(functools.partial(module.init, **kwargs))(jax.random.key(0), x)
+  return helpers.fast_jit(functools.partial(module.init, **kwargs))(jax.random.key(0), x)
 
 
 def _apply(module, variables, *args, **kwargs):
   """`module.apply` as one compiled program; keyword arguments are fixed (static)."""
-  return _jit(functools.partial(module.apply, **kwargs))(variables, *args)
+  return helpers.fast_jit(functools.partial(module.apply, **kwargs))(variables, *args)
 
 
 def _train(net, other_net, xs, targets, lr=0.1):
@@ -88,7 +66,7 @@ def _train(net, other_net, xs, targets, lr=0.1):
     params = jax.tree.map(lambda p, g: p - lr * g, params, g_params)
     return (params, stats), (y, stats, g_params, g_x)
 
-  @_jit
+  @helpers.fast_jit
   def run(xs, targets):
     variables = net.init(jax.random.key(0), xs[0], train=True)
     (params, stats), history = jax.lax.scan(step, (variables["params"], variables["batch_stats"]), (xs, targets))
@@ -107,7 +85,9 @@ def _train(net, other_net, xs, targets, lr=0.1):
 
 def _batches(shape, dtype, n=5, seed=0):
   """`n` stacked input batches (mean 3, std 2, so that the statistics matter) and regression targets."""
-  return jnp.asarray(3.0 + 2.0 * _normal((n, *shape), seed), dtype), jnp.asarray(_normal((n, *shape), seed + 1))
+  return jnp.asarray(3.0 + 2.0 * helpers.normal((n, *shape), seed), dtype), jnp.asarray(
+    helpers.normal((n, *shape), seed + 1)
+  )
 
 
 SHAPES_AXES = [
@@ -128,19 +108,19 @@ def _check_equivalent(shape, axis, x_dtype, tol, **bn_kwargs):
   o_vars, o_hist, o_final, o_eval, o_by_ours, o_by_flax = _train(ours_net, flax_net, xs, targets)
 
   _same_layout(f_vars, o_vars)
-  _close(f_vars, o_vars, dict(rtol=0, atol=0), "init variables")
+  helpers.close(f_vars, o_vars, dict(rtol=0, atol=0), "init variables")
   # The input gradient has x's dtype: in bfloat16 both round float32 values, to within one bfloat16 ulp.
   grad_x_tol = tol if x_dtype == jnp.float32 else BF16_TOL
   assert f_hist[0].dtype == o_hist[0].dtype and f_hist[3].dtype == o_hist[3].dtype
   for i in range(len(xs)):
     f, o = jax.tree.map(lambda h: h[i], (f_hist, o_hist))
-    _close(f[:3], o[:3], tol, f"training step {i}: (output, batch_stats, grad params)")
-    _close(f[3], o[3], grad_x_tol, f"training step {i}: grad x")
-  _close(f_final, o_final, tol, "final variables")
-  _close(f_eval, o_eval, tol, "eval output")
+    helpers.close(f[:3], o[:3], tol, f"training step {i}: (output, batch_stats, grad params)")
+    helpers.close(f[3], o[3], grad_x_tol, f"training step {i}: grad x")
+  helpers.close(f_final, o_final, tol, "final variables")
+  helpers.close(f_eval, o_eval, tol, "eval output")
   # Variables trained with one class apply in the other, both directions, in eval and in training.
-  _close(f_by_ours, f_by_flax, tol, "flax-trained variables applied by bnjax")
-  _close(o_by_flax, o_by_ours, tol, "bnjax-trained variables applied by flax")
+  helpers.close(f_by_ours, f_by_flax, tol, "flax-trained variables applied by bnjax")
+  helpers.close(o_by_flax, o_by_ours, tol, "bnjax-trained variables applied by flax")
 
 
 EQUIVALENCE_CASES = [(shape, axis, jnp.float32) for shape, axis in SHAPES_AXES] + [
@@ -181,12 +161,12 @@ def test_matches_flax_in_bfloat16_compute():
   ],
 )
 def test_dtypes_follow_flax(x_dtype, kwargs):
-  x = jnp.asarray(1.0 + _normal((16, 4), 1), x_dtype)
+  x = jnp.asarray(1.0 + helpers.normal((16, 4), 1), x_dtype)
   results = []
   for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
     layer = cls(**kwargs, **extra)
 
-    @_jit
+    @helpers.fast_jit
     def run(x):
       variables = layer.init(jax.random.key(0), x, use_running_average=False)
       y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
@@ -197,11 +177,11 @@ def test_dtypes_follow_flax(x_dtype, kwargs):
   _same_layout(f_vars, o_vars)
   _same_layout(f_upd, o_upd)
   assert o_y.dtype == f_y.dtype and o_eval.dtype == f_eval.dtype
-  _close((f_y, f_upd, f_eval), (o_y, o_upd, o_eval), BF16_TOL)
+  helpers.close((f_y, f_upd, f_eval), (o_y, o_upd, o_eval), BF16_TOL)
 
 
 def test_use_running_average_at_construction_or_call():
-  x = _normal((8, 3), 0)
+  x = helpers.normal((8, 3), 0)
   variables = {
     "params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])},
     "batch_stats": {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 1.0, 9.0])},
@@ -209,10 +189,10 @@ def test_use_running_average_at_construction_or_call():
   at_call = _apply(bnn.BatchNorm(), variables, x, use_running_average=True)
   at_construction = _apply(bnn.BatchNorm(use_running_average=True), variables, x)
   stats, params = variables["batch_stats"], variables["params"]
-  stats, params = _numpy((stats, params))
+  stats, params = helpers.to_numpy((stats, params))
   expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"] + params["bias"]
-  _close(at_call, expected, F32_TOL)
-  _close(at_construction, expected, F32_TOL)
+  helpers.close(at_call, expected, F32_TOL)
+  helpers.close(at_construction, expected, F32_TOL)
   with pytest.raises(ValueError, match="use_running_average"):
     bnn.BatchNorm().apply(variables, x)
   with pytest.raises(ValueError, match="use_running_average"):
@@ -220,19 +200,19 @@ def test_use_running_average_at_construction_or_call():
 
 
 def test_init_does_not_update_running_statistics():
-  x = 10.0 + _normal((8, 3), 0)
+  x = 10.0 + helpers.normal((8, 3), 0)
   layer = bnn.BatchNorm(use_running_average=False, momentum=0.0)
   variables = _init(layer, x)
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(3))
   np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(3))
   # The same apply outside init does update them (momentum 0: to the batch's statistics).
   _, updates = _apply(layer, variables, x, mutable=["batch_stats"])
-  _close(updates["batch_stats"], {"mean": x.mean(0), "var": x.var(0)}, F32_TOL)
+  helpers.close(updates["batch_stats"], {"mean": x.mean(0), "var": x.var(0)}, F32_TOL)
 
 
 def test_init_outside_the_mapped_axis():
   # Like flax, init does not synchronise, so a layer with an axis_name initialises without the axis.
-  x = _normal((8, 3), 0)
+  x = helpers.normal((8, 3), 0)
   layer = bnn.BatchNorm(use_running_average=False, axis_name="batch")
   variables = jax.eval_shape(layer.init, jax.random.key(0), x)
   assert set(variables) == {"params", "batch_stats"}
@@ -247,35 +227,35 @@ def _apply_mutable(layer, variables, x):
 
 def _whole_batch(x, momentum):
   layer = bnn.BatchNorm(use_running_average=False, momentum=momentum)
-  return _jit(lambda x: _apply_mutable(layer, layer.init(jax.random.key(0), x), x))(x)
+  return helpers.fast_jit(lambda x: _apply_mutable(layer, layer.init(jax.random.key(0), x), x))(x)
 
 
 def test_axis_name_under_vmap_matches_flax_and_the_whole_batch():
-  x = 2.0 + _normal((4, 8, 6), 0)  # 4 mapped members of 8 rows
+  x = 2.0 + helpers.normal((4, 8, 6), 0)  # 4 mapped members of 8 rows
   outputs = []
   for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
     layer = cls(use_running_average=False, axis_name="batch", momentum=0.5, **extra)
 
-    @_jit
+    @helpers.fast_jit
     def run(x):
       variables = layer.init(jax.random.key(0), x[0])
       mapped = jax.vmap(functools.partial(_apply_mutable, layer), in_axes=(None, 0), axis_name="batch")
       return mapped(variables, x)
 
     outputs.append(run(x))
-  _close(outputs[0], outputs[1], F32_TOL)
+  helpers.close(outputs[0], outputs[1], F32_TOL)
   # Synchronised statistics are those of the concatenated batch, identical on every member.
   y, stats = outputs[1]
   y_whole, stats_whole = _whole_batch(x.reshape(32, 6), 0.5)
-  _close(y.reshape(32, 6), y_whole, F32_TOL)
+  helpers.close(y.reshape(32, 6), y_whole, F32_TOL)
   for member in range(4):
-    _close(jax.tree.map(lambda s: s[member], stats), stats_whole, F32_TOL)
+    helpers.close(jax.tree.map(lambda s: s[member], stats), stats_whole, F32_TOL)
 
 
 @pytest.mark.devices(8)
 def test_axis_name_under_shard_map_matches_flax_and_the_whole_batch():
   mesh = jax.make_mesh((8,), ("data",))
-  x = 2.0 + _normal((32, 6), 0)
+  x = 2.0 + helpers.normal((32, 6), 0)
   x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
   outputs = []
   for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
@@ -284,22 +264,22 @@ def test_axis_name_under_shard_map_matches_flax_and_the_whole_batch():
       "params": {"scale": np.full(6, 2.0, np.float32), "bias": np.full(6, 0.5, np.float32)},
       "batch_stats": {"mean": np.full(6, 0.5, np.float32), "var": np.full(6, 2.0, np.float32)},
     }
-    step = _jit(
+    step = helpers.fast_jit(
       jax.shard_map(
         functools.partial(_apply_mutable, layer), mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())
       )
     )
     outputs.append(jax.device_get(step(variables, x_sharded)))
-  _close(outputs[0], outputs[1], F32_TOL)
+  helpers.close(outputs[0], outputs[1], F32_TOL)
   y, stats = outputs[1]
-  y_whole, batch_stats = _numpy(_whole_batch(x, 0.0))  # momentum 0: the running stats are the batch's
-  _close(y, 2.0 * y_whole + 0.5, F32_TOL)
-  _close(stats, {"mean": 0.25 + 0.5 * batch_stats["mean"], "var": 1.0 + 0.5 * batch_stats["var"]}, F32_TOL)
+  y_whole, batch_stats = helpers.to_numpy(_whole_batch(x, 0.0))  # momentum 0: the running stats are the batch's
+  helpers.close(y, 2.0 * y_whole + 0.5, F32_TOL)
+  helpers.close(stats, {"mean": 0.25 + 0.5 * batch_stats["mean"], "var": 1.0 + 0.5 * batch_stats["var"]}, F32_TOL)
 
 
 @pytest.mark.devices(8)
 def test_axis_index_groups_under_pmap_match_flax():
-  x = 2.0 + _normal((8, 4, 6), 0)
+  x = 2.0 + helpers.normal((8, 4, 6), 0)
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
   outputs = []
   for cls, extra in ((nn.BatchNorm, {"use_fast_variance": False}), (bnn.BatchNorm, {})):
@@ -307,15 +287,15 @@ def test_axis_index_groups_under_pmap_match_flax():
     variables = jax.eval_shape(layer.init, jax.random.key(0), x[0])
     variables = jax.tree.map(lambda v: np.ones(v.shape, v.dtype), variables)
     outputs.append(jax.pmap(functools.partial(_apply_mutable, layer), in_axes=(None, 0), axis_name="d")(variables, x))
-  _close(outputs[0], outputs[1], F32_TOL)
+  helpers.close(outputs[0], outputs[1], F32_TOL)
   means = outputs[1][1]["mean"]
   for device in range(8):
     group = x[:4] if device < 4 else x[4:]
-    _close(means[device], 0.5 + 0.5 * group.reshape(16, 6).mean(0), F32_TOL)
+    helpers.close(means[device], 0.5 + 0.5 * group.reshape(16, 6).mean(0), F32_TOL)
 
 
 def test_mask_matches_flax_and_dropping_rows():
-  x = 1.0 + _normal((12, 5, 3), 0)
+  x = 1.0 + helpers.normal((12, 5, 3), 0)
   rows = np.arange(12 * 5).reshape(12, 5) % 3 != 0
   flax_layer = nn.BatchNorm(use_running_average=False, momentum=0.0, use_fast_variance=False)
   ours = bnn.BatchNorm(use_running_average=False, momentum=0.0)
@@ -324,7 +304,7 @@ def test_mask_matches_flax_and_dropping_rows():
     "batch_stats": {"mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)},
   }
 
-  @_jit
+  @helpers.fast_jit
   def run(x):
     expected = flax_layer.apply(variables, x, mask=rows[..., None], mutable=["batch_stats"])
     # bnjax's form, flax's form with size-1 features, flax's form spanning the features.
@@ -333,16 +313,16 @@ def test_mask_matches_flax_and_dropping_rows():
 
   expected, got = run(x)
   for result in got:
-    _close(result, expected, F32_TOL)
+    helpers.close(result, expected, F32_TOL)
   # The statistics are those of the true rows alone.
-  _close(got[0][1]["batch_stats"], {"mean": x[rows].mean(0), "var": x[rows].var(0)}, F32_TOL)
+  helpers.close(got[0][1]["batch_stats"], {"mean": x[rows].mean(0), "var": x[rows].var(0)}, F32_TOL)
   # The mask is only for training statistics; evaluation ignores it.
   evaluate = bnn.BatchNorm(use_running_average=True)
-  _close(_apply(evaluate, variables, x, mask=rows), _apply(evaluate, variables, x), F32_TOL)
+  helpers.close(_apply(evaluate, variables, x, mask=rows), _apply(evaluate, variables, x), F32_TOL)
 
 
 def test_mask_errors():
-  x = _normal((6, 4), 0)
+  x = helpers.normal((6, 4), 0)
   layer = bnn.BatchNorm(use_running_average=False)
   variables = jax.eval_shape(layer.init, jax.random.key(0), x)
 
@@ -356,7 +336,7 @@ def test_mask_errors():
 
 
 def test_extras_are_the_core_options():
-  x = 1.0 + _normal((8, 3), 0)
+  x = 1.0 + helpers.normal((8, 3), 0)
   layer = bnn.BatchNorm(
     use_running_average=False, momentum=0.8, virtual_batch_size=4, unbiased_running_var=True, running="cumulative"
   )
@@ -364,7 +344,7 @@ def test_extras_are_the_core_options():
     bnjax.batch_norm, train=True, decay=0.8, virtual_batch_size=4, unbiased_running_var=True, running="cumulative"
   )
 
-  @_jit
+  @helpers.fast_jit
   def run(x):
     variables = layer.init(jax.random.key(0), x)
     params, stats = bnjax.init(3)
@@ -380,7 +360,7 @@ def test_extras_are_the_core_options():
   variables, steps = run(x)
   assert jax.tree.map(jnp.shape, variables["batch_stats"]) == {"mean": (3,), "var": (3,), "count": ()}
   for ours, core_result in steps:
-    _close(ours, core_result, F32_TOL)
+    helpers.close(ours, core_result, F32_TOL)
   assert int(variables["batch_stats"]["count"]) == 2
 
 
@@ -407,7 +387,7 @@ def test_constructor_errors_name_the_argument(kwargs, error, match):
 
 
 def test_call_errors_name_the_argument():
-  x = _normal((4, 3), 0)
+  x = helpers.normal((4, 3), 0)
   with pytest.raises(ValueError, match="`axis`=2 is out of range"):
     jax.eval_shape(bnn.BatchNorm(use_running_average=False, axis=2).init, jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"`axis`=\(-1, 1\) repeats an axis"):

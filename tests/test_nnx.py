@@ -1,8 +1,7 @@
 """bnjax.nnx.BatchNorm is a drop-in for flax.nnx.BatchNorm: variables, training with nnx.Optimizer, modes."""
 
-import functools
-
 import flax.linen as linen
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,23 +13,6 @@ import bnjax.nnx as bnnx
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
-# Small programs compile several times faster without XLA's expensive CPU passes; the numbers compared
-# below are the same to the tolerances used.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
-def _normal(shape, seed=0):
-  """Standard normal float32 test data. Data and references are numpy: eager jax ops compile per shape."""
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _close(a, b, tol, what=""):
-  jax.tree.map(
-    lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), err_msg=what, **tol),
-    a,
-    b,
-  )
 
 
 def _layout(state):
@@ -43,7 +25,7 @@ class Net(nnx.Module):
 
   def __init__(self, bn_cls, num_features, x_shape, **bn_kwargs):
     self.bn = bn_cls(num_features, rngs=nnx.Rngs(0), **bn_kwargs)
-    self.w = nnx.Param(jnp.asarray(_normal(x_shape[1:], seed=7)))
+    self.w = nnx.Param(jnp.asarray(helpers.normal(x_shape[1:], seed=7)))
 
   def __call__(self, x):
     return self.bn(x) * self.w[...]
@@ -71,7 +53,7 @@ def _train(model, xs, targets, lr=0.1):
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), (y, nnx.state(model, nnx.BatchStat), grads, g_x)
 
-  @_jit
+  @helpers.fast_jit
   def run(state, xs, targets):
     state, history = jax.lax.scan(step, state, (xs, targets))
     model, _ = nnx.merge(graphdef, state)
@@ -85,7 +67,9 @@ def _train(model, xs, targets, lr=0.1):
 
 def _batches(shape, dtype, n=5, seed=0):
   """`n` stacked input batches (mean 3, std 2, so that the statistics matter) and regression targets."""
-  return jnp.asarray(3.0 + 2.0 * _normal((n, *shape), seed), dtype), jnp.asarray(_normal((n, *shape), seed + 1))
+  return jnp.asarray(3.0 + 2.0 * helpers.normal((n, *shape), seed), dtype), jnp.asarray(
+    helpers.normal((n, *shape), seed + 1)
+  )
 
 
 def _check_equivalent(shape, axis, x_dtype, tol, **bn_kwargs):
@@ -95,7 +79,7 @@ def _check_equivalent(shape, axis, x_dtype, tol, **bn_kwargs):
   flax_model = Net(nnx.BatchNorm, num_features, shape, axis=axis, momentum=0.9, use_fast_variance=False, **bn_kwargs)
   ours = Net(bnnx.BatchNorm, num_features, shape, axis=axis, momentum=0.9, **bn_kwargs)
   assert _layout(nnx.state(flax_model)) == _layout(nnx.state(ours))
-  _close(nnx.state(flax_model), nnx.state(ours), dict(rtol=0, atol=0), "init state")
+  helpers.close(nnx.state(flax_model), nnx.state(ours), dict(rtol=0, atol=0), "init state")
 
   f_hist, f_final, f_eval = _train(flax_model, xs, targets)
   o_hist, o_final, o_eval = _train(ours, xs, targets)
@@ -103,15 +87,15 @@ def _check_equivalent(shape, axis, x_dtype, tol, **bn_kwargs):
   assert f_hist[0].dtype == o_hist[0].dtype and f_hist[3].dtype == o_hist[3].dtype
   for i in range(len(xs)):
     f, o = jax.tree.map(lambda h: h[i], (f_hist, o_hist))
-    _close(f[:3], o[:3], tol, f"training step {i}: (output, batch stats, grad params)")
-    _close(f[3], o[3], grad_x_tol, f"training step {i}: grad x")
-  _close(f_final, o_final, tol, "final state")
-  _close(f_eval, o_eval, tol, "eval output")
+    helpers.close(f[:3], o[:3], tol, f"training step {i}: (output, batch stats, grad params)")
+    helpers.close(f[3], o[3], grad_x_tol, f"training step {i}: grad x")
+  helpers.close(f_final, o_final, tol, "final state")
+  helpers.close(f_eval, o_eval, tol, "eval output")
 
   # State trained with one class loads into the other (nnx.merge of the other's graphdef), both ways.
   f_graphdef, o_graphdef = nnx.graphdef(flax_model), nnx.graphdef(ours)
 
-  @_jit
+  @helpers.fast_jit
   def swapped(state, x):
     outputs = []
     for graphdef in (f_graphdef, o_graphdef):
@@ -123,7 +107,7 @@ def _check_equivalent(shape, axis, x_dtype, tol, **bn_kwargs):
 
   for state in (f_final, o_final):
     by_flax, by_ours = swapped(state, xs[1])
-    _close(by_flax, by_ours, tol, "state from the other class")
+    helpers.close(by_flax, by_ours, tol, "state from the other class")
 
 
 CASES = [
@@ -153,7 +137,7 @@ def test_matches_flax_nnx_in_bfloat16_compute():
 def test_several_feature_axes_match_flax_linen(num_features):
   # flax.nnx.BatchNorm cannot update its statistics with several feature axes; bnjax's can, with the
   # numbers of flax.linen.BatchNorm(axis=(1, 2)).
-  x = 1.0 + _normal((6, 5, 3, 2), 1)
+  x = 1.0 + helpers.normal((6, 5, 3, 2), 1)
   layer = bnnx.BatchNorm(
     num_features,
     axis=(1, 2),
@@ -170,7 +154,7 @@ def test_several_feature_axes_match_flax_linen(num_features):
     "batch_stats": {"mean": np.zeros((5, 3), np.float32), "var": np.ones((5, 3), np.float32)},
   }
 
-  @_jit
+  @helpers.fast_jit
   def run(state, x):
     def loss(state):
       model = nnx.merge(graphdef, state)
@@ -185,13 +169,15 @@ def test_several_feature_axes_match_flax_linen(num_features):
     return ours, jax.grad(linen_loss, has_aux=True)(linen_vars["params"])
 
   (o_grads, (o_y, o_stats)), (l_grads, (l_y, l_stats)) = run(state, x)
-  _close(o_y, l_y, F32_TOL)
-  _close({"mean": o_stats["mean"][...].reshape(5, 3), "var": o_stats["var"][...].reshape(5, 3)}, l_stats, F32_TOL)
-  _close({k: o_grads[k][...].reshape(5, 3) for k in ("scale", "bias")}, l_grads, F32_TOL)
+  helpers.close(o_y, l_y, F32_TOL)
+  helpers.close(
+    {"mean": o_stats["mean"][...].reshape(5, 3), "var": o_stats["var"][...].reshape(5, 3)}, l_stats, F32_TOL
+  )
+  helpers.close({k: o_grads[k][...].reshape(5, 3) for k in ("scale", "bias")}, l_grads, F32_TOL)
 
 
 def test_modes_train_eval_view_and_call_argument():
-  x = 2.0 + _normal((8, 4), 1)
+  x = 2.0 + helpers.normal((8, 4), 1)
   model = Net(bnnx.BatchNorm, 4, x.shape)
 
   def running_mean():
@@ -221,7 +207,7 @@ def test_modes_train_eval_view_and_call_argument():
 def test_optimizer_updates_params_not_statistics():
   # nnx.Optimizer(wrt=nnx.Param) trains scale and bias; the running statistics, including the batch counter
   # of running="cumulative", are state that the layer moves itself.
-  x = 2.0 + _normal((16, 3), 1)
+  x = 2.0 + helpers.normal((16, 3), 1)
   model = Net(bnnx.BatchNorm, 3, x.shape, running="cumulative", momentum=0.9)
   assert set(dict(nnx.to_flat_state(nnx.state(model, nnx.BatchStat)))) == {
     ("bn", "count"),
@@ -232,13 +218,13 @@ def test_optimizer_updates_params_not_statistics():
   bn_state = final["bn"]
   assert int(bn_state["count"][...]) == 2
   # cumulative: the plain average of the two batches' statistics.
-  _close(bn_state["mean"][...], 1.5 * x.mean(0), F32_TOL)
-  _close(bn_state["var"][...], 2.5 * x.var(0), F32_TOL)
+  helpers.close(bn_state["mean"][...], 1.5 * x.mean(0), F32_TOL)
+  helpers.close(bn_state["var"][...], 2.5 * x.var(0), F32_TOL)
   assert not np.allclose(np.asarray(bn_state["scale"][...]), 1.0)
 
 
 def test_axis_name_under_vmap_matches_flax_and_the_whole_batch():
-  x = 2.0 + _normal((4, 8, 6), 0)  # 4 mapped members of 8 rows
+  x = 2.0 + helpers.normal((4, 8, 6), 0)  # 4 mapped members of 8 rows
   outputs = []
   for cls, extra in ((nnx.BatchNorm, {"use_fast_variance": False}), (bnnx.BatchNorm, {})):
     graphdef, state = nnx.split(cls(6, axis_name="batch", momentum=0.5, rngs=nnx.Rngs(0), **extra))
@@ -247,21 +233,21 @@ def test_axis_name_under_vmap_matches_flax_and_the_whole_batch():
       model = nnx.merge(graphdef, state)
       return model(x), nnx.state(model, nnx.BatchStat)
 
-    outputs.append(_jit(jax.vmap(apply, in_axes=(None, 0), axis_name="batch"))(state, x))
-  _close(outputs[0], outputs[1], F32_TOL)
+    outputs.append(helpers.fast_jit(jax.vmap(apply, in_axes=(None, 0), axis_name="batch"))(state, x))
+  helpers.close(outputs[0], outputs[1], F32_TOL)
   y, stats = outputs[1]
   whole = x.reshape(32, 6)
-  _close(y.reshape(32, 6), (whole - whole.mean(0)) / np.sqrt(whole.var(0) + 1e-5), F32_TOL)
+  helpers.close(y.reshape(32, 6), (whole - whole.mean(0)) / np.sqrt(whole.var(0) + 1e-5), F32_TOL)
   for member in range(4):
-    _close(stats["mean"][...][member], 0.5 * whole.mean(0), F32_TOL)
-    _close(stats["var"][...][member], 0.5 + 0.5 * whole.var(0), F32_TOL)
+    helpers.close(stats["mean"][...][member], 0.5 * whole.mean(0), F32_TOL)
+    helpers.close(stats["var"][...][member], 0.5 + 0.5 * whole.var(0), F32_TOL)
 
 
 def test_mask_matches_flax_nnx():
-  x = 1.0 + _normal((12, 5, 3), 0)
+  x = 1.0 + helpers.normal((12, 5, 3), 0)
   rows = np.arange(12 * 5).reshape(12, 5) % 3 != 0
 
-  @_jit
+  @helpers.fast_jit
   def run(x):
     flax_layer = nnx.BatchNorm(3, momentum=0.0, use_fast_variance=False, rngs=nnx.Rngs(0))
     expected = flax_layer(x, mask=rows[..., None]), nnx.state(flax_layer, nnx.BatchStat)
@@ -273,8 +259,8 @@ def test_mask_matches_flax_nnx():
 
   expected, got = run(x)
   for result in got:
-    _close(result, expected, F32_TOL)
-  _close(got[0][1]["mean"][...], x[rows].mean(0), F32_TOL)
+    helpers.close(result, expected, F32_TOL)
+  helpers.close(got[0][1]["mean"][...], x[rows].mean(0), F32_TOL)
 
 
 @pytest.mark.parametrize(
@@ -286,9 +272,9 @@ def test_mask_matches_flax_nnx():
   ],
 )
 def test_dtypes_follow_flax_nnx(x_dtype, kwargs):
-  x = jnp.asarray(1.0 + _normal((16, 4), 1), x_dtype)
+  x = jnp.asarray(1.0 + helpers.normal((16, 4), 1), x_dtype)
 
-  @_jit
+  @helpers.fast_jit
   def run(x):
     results = []
     for cls, extra in ((nnx.BatchNorm, {"use_fast_variance": False}), (bnnx.BatchNorm, {})):
@@ -300,7 +286,7 @@ def test_dtypes_follow_flax_nnx(x_dtype, kwargs):
   (f_y, f_eval, f_state), (o_y, o_eval, o_state) = run(x)
   assert _layout(f_state) == _layout(o_state)
   assert o_y.dtype == f_y.dtype and o_eval.dtype == f_eval.dtype
-  _close((f_y, f_eval, f_state), (o_y, o_eval, o_state), BF16_TOL)
+  helpers.close((f_y, f_eval, f_state), (o_y, o_eval, o_state), BF16_TOL)
 
 
 @pytest.mark.parametrize(
