@@ -183,13 +183,7 @@ def _plot(run, config, histories, warmup_step) -> str:
   ax = axes[0, 0]
   for arm, h in histories.items():
     note = report.band(ax, h.steps, h.values["test_accuracy"], label=arm)
-  ax.axhline(
-    config.criterion.target_accuracy,
-    color="k",
-    linestyle=":",
-    linewidth=0.8,
-    label=f"target {config.criterion.target_accuracy:.0%}",
-  )
+  report.target_line(ax, config.criterion.target_accuracy)
   ax.set(title="(a) test accuracy", xlabel="training step", ylabel="test accuracy (fraction)", ylim=(0.0, 1.0))
   ax.legend(loc="lower right", title=note, fontsize="small", title_fontsize="small")
   shared = [

@@ -135,13 +135,7 @@ def _plot(run, config, metrics, curves) -> str:
     mean = np.array([c["mean"] for c in ci])
     err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for c in ci]).T
     ax.errorbar(config.learning_rates, mean, yerr=err, marker="o", capsize=3, label=arm, color=report.ARM_COLORS[arm])
-  ax.axhline(
-    config.criterion.target_accuracy,
-    color="k",
-    linestyle=":",
-    linewidth=0.8,
-    label=f"target {config.criterion.target_accuracy:.0%}",
-  )
+  report.target_line(ax, config.criterion.target_accuracy)
   ax.set(
     xscale="log",
     xlabel="learning rate (log scale)",

@@ -83,6 +83,11 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float 
   return fig, axes
 
 
+def target_line(ax, accuracy: float) -> None:
+  """A dotted horizontal line at a preregistered target accuracy (a fraction), labelled in percent."""
+  ax.axhline(accuracy, color="k", linestyle=":", linewidth=0.8, label=f"target {accuracy:.0%}")
+
+
 def band(
   ax,
   steps,
