@@ -349,28 +349,12 @@ def fold_batch_norm(model: MLP | ConvNet, variables) -> tuple[MLP | ConvNet, dic
     params = {f"Dense_{i}": _lookup(variables, "params", f"Dense_{i}") for i in range(len(model.features))}
     for i in sorted(normalized):
       norm_params, stats = _norm_of(variables, f"BatchNorm_{i}")
-      if model.norm == "pre":
-        dense = params[f"Dense_{i}"]
-        params[f"Dense_{i}"] = _folded(
-          inference.fold_dense,
-          f"Dense_{i}",
-          dense["kernel"],
-          dense.get("bias"),
-          norm_params,
-          stats,
-          epsilon=model.epsilon,
-        )
-      else:
-        dense = params[f"Dense_{i + 1}"]
-        params[f"Dense_{i + 1}"] = _folded(
-          inference.fold_dense_input,
-          f"Dense_{i + 1}",
-          dense["kernel"],
-          dense.get("bias"),
-          norm_params,
-          stats,
-          epsilon=model.epsilon,
-        )
+      # A pre-activation norm folds into the Dense before it, a post-activation one into the Dense after it.
+      fold, name = (
+        (inference.fold_dense, f"Dense_{i}") if model.norm == "pre" else (inference.fold_dense_input, f"Dense_{i + 1}")
+      )
+      dense = params[name]
+      params[name] = _folded(fold, name, dense["kernel"], dense.get("bias"), norm_params, stats, epsilon=model.epsilon)
     return model.clone(parent=None, norm=None, norm_layers=None), {"params": params}
   if isinstance(model, ConvNet):
     params = {"Dense_0": _lookup(variables, "params", "Dense_0")}
