@@ -621,33 +621,21 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
   # One intra-op thread per core is PyTorch's default and the spec; on a machine shared with other work,
   # OpenMP's all-threads barriers then wait for a descheduled thread (whole scheduler ticks), which a single
   # thread never does, so the 1-thread variants are timed too and "torch best" takes the faster.
-  Implementation("torch", lambda c, d: _build_torch(c, d, layout="nd"), _torch_layout_supported("nd"), family="torch"),
-  Implementation(
-    "torch 1 thread",
-    lambda c, d: _build_torch(c, d, layout="nd", threads=1),
-    _torch_layout_supported("nd"),
-    family="torch",
-  ),
-  Implementation(
-    "torch NCHW", lambda c, d: _build_torch(c, d, layout="nchw"), _torch_layout_supported("nchw"), family="torch"
-  ),
-  Implementation(
-    "torch channels_last",
-    lambda c, d: _build_torch(c, d, layout="channels_last"),
-    _torch_layout_supported("channels_last"),
-    family="torch",
-  ),
-  Implementation(
-    "torch NCHW 1 thread",
-    lambda c, d: _build_torch(c, d, layout="nchw", threads=1),
-    _torch_layout_supported("nchw"),
-    family="torch",
-  ),
-  Implementation(
-    "torch channels_last 1 thread",
-    lambda c, d: _build_torch(c, d, layout="channels_last", threads=1),
-    _torch_layout_supported("channels_last"),
-    family="torch",
+  *(
+    Implementation(
+      f"torch{name}{' 1 thread' if threads == 1 else ''}",
+      functools.partial(_build_torch, layout=layout, threads=threads),
+      _torch_layout_supported(layout),
+      family="torch",
+    )
+    for layout, name, threads in (
+      ("nd", "", None),
+      ("nd", "", 1),
+      ("nchw", " NCHW", None),
+      ("channels_last", " channels_last", None),
+      ("nchw", " NCHW", 1),
+      ("channels_last", " channels_last", 1),
+    )
   ),
   Implementation(FLOOR, build_floor, family="floor"),
 )
