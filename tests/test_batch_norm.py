@@ -309,15 +309,21 @@ def test_moments_and_normalize_are_the_pieces_of_train_mode():
   np.testing.assert_allclose(mean, np.asarray(x, np.float64).mean((0, 2, 3)), rtol=1e-5)
 
 
+def _draw_layout(data, *, max_size: int, extra_rows: int):
+  """A shape of rank 2-4 whose axis 0 has at least `1 + extra_rows` rows, feature axes drawn from the others,
+  and a seed."""
+  ndim = data.draw(st.integers(2, 4), label="ndim")
+  shape = tuple(data.draw(st.lists(st.integers(1, max_size), min_size=ndim, max_size=ndim), label="shape"))
+  shape = (shape[0] + extra_rows,) + shape[1:]
+  n_axes = data.draw(st.integers(1, ndim - 1), label="n_axes")
+  axes = tuple(sorted(data.draw(st.permutations(range(1, ndim)), label="perm")[:n_axes]))
+  return shape, axes, data.draw(st.integers(0, 2**16), label="seed")
+
+
 @settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_property_random_shapes_axes_and_masks(data):
-  ndim = data.draw(st.integers(2, 4), label="ndim")
-  shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim), label="shape"))
-  shape = (shape[0] + 2,) + shape[1:]
-  n_axes = data.draw(st.integers(1, ndim - 1), label="n_axes")
-  axes = tuple(sorted(data.draw(st.permutations(range(1, ndim)), label="perm")[:n_axes]))
-  seed = data.draw(st.integers(0, 2**16), label="seed")
+  shape, axes, seed = _draw_layout(data, max_size=5, extra_rows=2)
   use_mask = data.draw(st.booleans(), label="use_mask")
   x, dy, gamma, beta, _ = _inputs(shape, axes, seed=seed)
   reduced = tuple(d for i, d in enumerate(shape) if i not in axes)
@@ -439,12 +445,8 @@ def test_eval_mode_takes_an_unbatched_input():
 @settings(deadline=None, max_examples=30)
 @given(data=st.data())
 def test_property_broadcastable_masks_per_feature(data):
-  ndim = data.draw(st.integers(2, 4), label="ndim")
-  shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim), label="shape"))
-  shape = (shape[0] + 3,) + shape[1:]
-  n_axes = data.draw(st.integers(1, ndim - 1), label="n_axes")
-  axes = tuple(sorted(data.draw(st.permutations(range(1, ndim)), label="perm")[:n_axes]))
-  seed = data.draw(st.integers(0, 2**16), label="seed")
+  shape, axes, seed = _draw_layout(data, max_size=4, extra_rows=3)
+  ndim = len(shape)
   # Flax's form: each axis of the mask either x's size or 1, leading axes possibly dropped.
   ones = data.draw(st.lists(st.booleans(), min_size=ndim, max_size=ndim), label="size_one")
   mask_shape = tuple(1 if one else d for d, one in zip(shape, ones))
