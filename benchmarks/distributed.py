@@ -110,6 +110,8 @@ def worker(hidden: int, batch: int, steps: int) -> None:
 
 
 def _launch(processes: int, args) -> dict:
+  from experiments import launch  # pylint: disable=g-import-not-at-top
+
   command = [
     sys.executable,
     "-m",
@@ -123,17 +125,7 @@ def _launch(processes: int, args) -> dict:
     str(args.hidden),
   ]
   out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.launch",
-      "--processes",
-      str(processes),
-      "--devices-per-process",
-      "1",
-      "--",
-      *command,
-    ],
+    launch.command_line(processes, command, "--devices-per-process", "1"),
     cwd=ROOT,
     capture_output=True,
     text=True,

@@ -1097,6 +1097,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
+def command_line(processes: int, program: Sequence[str], *options: str) -> list[str]:
+  """The argv that runs `program` as `processes` processes under this launcher, with launcher `options`."""
+  return [sys.executable, "-m", "experiments.launch", "--processes", str(processes), *options, "--", *program]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:

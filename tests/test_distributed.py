@@ -116,19 +116,7 @@ def test_simulated_slurm_step_initializes_without_arguments(tmp_path):
 def test_the_launcher_sets_what_jax_detects(tmp_path):
   """The same child under the launcher: its SLURM variables are the only description of the job."""
   result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.launch",
-      "--processes",
-      "2",
-      "--devices-per-process",
-      "2",
-      "--",
-      sys.executable,
-      "-c",
-      SLURM_CHILD,
-    ],
+    launch.command_line(2, [sys.executable, "-c", SLURM_CHILD], "--devices-per-process", "2"),
     env=base_env(),
     cwd=tmp_path,
     capture_output=True,
@@ -184,19 +172,7 @@ def launched(workdir, processes, *, resume=False, script=None, env=None):
   command = [sys.executable, *program, *TRAIN[2 if script else 0 :], "--workdir", str(workdir)]
   command += ["--resume"] if resume else []
   return subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.launch",
-      "--processes",
-      str(processes),
-      "--devices-per-process",
-      str(devices),
-      "--heartbeat-timeout",
-      "10",
-      "--",
-      *command,
-    ],
+    launch.command_line(processes, command, "--devices-per-process", str(devices), "--heartbeat-timeout", "10"),
     env={**base_env(), **(env or {})},
     capture_output=True,
     text=True,

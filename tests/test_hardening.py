@@ -274,8 +274,7 @@ print("second", float(total(ones())), flush=True)
 
 def launcher_command(path, *args: str, extra=()) -> list:
   """Two processes of `python path args` under the launcher, bounded by --max-time."""
-  launch = [sys.executable, "-m", "experiments.launch", "--processes", "2", "--max-time", "110", *extra]
-  return [*launch, "--", sys.executable, str(path), *args]
+  return launch.command_line(2, [sys.executable, str(path), *args], "--max-time", "110", *extra)
 
 
 def run_launcher(tmp_path, script: str, *args: str, extra=()) -> tuple[subprocess.CompletedProcess, float]:
@@ -453,19 +452,7 @@ def test_a_taken_port_is_named_before_anything_starts():
     taken.listen()
     port = taken.getsockname()[1]
     result = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "experiments.launch",
-        "--processes",
-        "2",
-        "--port",
-        str(port),
-        "--",
-        sys.executable,
-        "-c",
-        "print('started')",
-      ],
+      launch.command_line(2, [sys.executable, "-c", "print('started')"], "--port", str(port)),
       env=child_env(),
       capture_output=True,
       text=True,

@@ -139,18 +139,7 @@ def test_a_peer_that_never_comes_fails_with_a_clear_message(tmp_path, absent):
     "print('leaving without joining')\n"
   )
   result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.launch",
-      "--processes",
-      "2",
-      "--timeout",
-      "3",
-      "--",
-      sys.executable,
-      str(script),
-    ],
+    launch.command_line(2, [sys.executable, str(script)], "--timeout", "3"),
     env=child_env(),
     capture_output=True,
     text=True,
